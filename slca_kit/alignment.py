@@ -1,0 +1,137 @@
+"""Classifier alignment (SLCA, slca.md "Class statistics" and "Stage 2"): class moments that reduce exactly
+across processes, a batched Gaussian sampler, logit normalization, and the head re-training loop."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ClassMoments:
+    """Sufficient statistics of features per class, in float64: sums add up across processes exactly as over
+    one process (up to float64 rounding order), so ``torch.distributed`` SUM reduction gives the same Gaussian."""
+
+    counts: torch.Tensor  # [K] float64
+    sums: torch.Tensor  # [K, d] float64
+    outer: torch.Tensor  # [K, d, d] float64, sum of x x^T
+
+    @classmethod
+    def from_features(cls, features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> "ClassMoments":
+        features = features.to(torch.float64)
+        dim = features.shape[1]
+        counts = torch.zeros(len(classes), dtype=torch.float64, device=features.device)
+        sums = torch.zeros(len(classes), dim, dtype=torch.float64, device=features.device)
+        outer = torch.zeros(len(classes), dim, dim, dtype=torch.float64, device=features.device)
+        for k, label in enumerate(classes):
+            members = features[labels == label]
+            counts[k] = members.shape[0]
+            sums[k] = members.sum(0)
+            outer[k] = members.T @ members
+        return cls(counts, sums, outer)
+
+    def add_(self, other: "ClassMoments") -> "ClassMoments":
+        self.counts += other.counts
+        self.sums += other.sums
+        self.outer += other.outer
+        return self
+
+    def gaussians(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased covariance (as ``torch.cov``) + ridge * I, in float64."""
+        if (self.counts < 2).any():
+            bad = torch.nonzero(self.counts < 2).flatten().tolist()
+            raise ValueError(f"classes at positions {bad} have fewer than 2 training samples: no covariance")
+        n = self.counts[:, None]
+        mean = self.sums / n
+        cov = (self.outer - n[:, :, None] * mean[:, :, None] * mean[:, None, :]) / (n[:, :, None] - 1)
+        cov = 0.5 * (cov + cov.transpose(1, 2))
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        return mean, cov + ridge * eye
+
+
+def cholesky_with_jitter(covs: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Batched Cholesky; if some covariance is not positive definite, add growing diagonal jitter and return the
+    jitter used so the caller can say so."""
+    jitter = 0.0
+    eye = torch.eye(covs.shape[-1], dtype=covs.dtype, device=covs.device)
+    scale = covs.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-12).item()
+    for attempt in range(max_tries + 1):
+        factor, info = torch.linalg.cholesky_ex(covs + jitter * eye)
+        if not info.any():
+            return factor, jitter
+        jitter = scale * 10.0 ** (attempt - 6)
+    raise ValueError(f"covariance not positive definite even with jitter {jitter:.3g}")
+
+
+def sample_gaussians(means: torch.Tensor, chol: torch.Tensor, per_class: int,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``per_class`` samples from N(means[c], L_c L_c^T) for all classes at once: x = mu + z L^T.
+
+    Returns features [C * per_class, d] and class positions [C * per_class] (0..C-1), grouped by class."""
+    num_classes, dim = means.shape
+    noise = torch.randn(num_classes, per_class, dim, generator=generator, device=means.device, dtype=means.dtype)
+    samples = means[:, None, :] + noise @ chol.transpose(1, 2)
+    positions = torch.arange(num_classes, device=means.device).repeat_interleave(per_class)
+    return samples.reshape(-1, dim), positions
+
+
+def normalized_logits(logits: torch.Tensor, task_sizes: list[int], tau: float) -> torch.Tensor:
+    """Logit normalization of the reference CA stage: divide by the mean over tasks of each task block's L2 norm
+    (+1e-7), then by the temperature tau (slca.md, Stage 2)."""
+    blocks = torch.split(logits, task_sizes, dim=1)
+    norms = torch.stack([block.norm(p=2, dim=1) + 1e-7 for block in blocks], dim=1).mean(dim=1, keepdim=True)
+    return logits / norms / tau
+
+
+def shrink_factors(class_task_ids: torch.Tensor, current_task: int) -> torch.Tensor:
+    """Reference mean shrink: mean * (0.9 + 0.1 * (t_id + 1) / (T + 1)) with each class's REAL task id."""
+    return 0.9 + 0.1 * (class_task_ids.to(torch.float64) + 1) / (current_task + 1)
+
+
+@dataclass
+class AlignmentSettings:
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    samples_per_class: int
+    batch_size: int
+    tau: float | None
+    mean_shrink: bool
+
+
+def align_classifier(head: nn.Module, means: torch.Tensor, chol: torch.Tensor, class_task_ids: torch.Tensor,
+                     current_task: int, task_sizes: list[int], settings: AlignmentSettings,
+                     generator: torch.Generator) -> list[float]:
+    """Re-train ``head`` (all tasks' blocks) on Gaussian features of every seen class (slca.md, Stage 2).
+
+    SGD with cosine lr stepped per epoch; each epoch draws fresh samples, shuffles them, and takes batches of
+    ``batch_size``. Returns the mean loss per epoch."""
+    for parameter in head.parameters():
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.SGD(head.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    scale = shrink_factors(class_task_ids, current_task) if settings.mean_shrink else torch.ones_like(means[:, 0])
+    shifted = (means * scale[:, None].to(means)).float()
+    chol = chol.float()
+    epoch_losses = []
+    for _ in range(settings.epochs):
+        inputs, targets = sample_gaussians(shifted, chol, settings.samples_per_class, generator)
+        order = torch.randperm(inputs.shape[0], generator=generator, device=inputs.device)
+        inputs, targets = inputs[order], targets[order]
+        losses = []
+        for start in range(0, inputs.shape[0], settings.batch_size):
+            logits = head(inputs[start:start + settings.batch_size])
+            if settings.tau is not None:
+                logits = normalized_logits(logits, task_sizes, settings.tau)
+            loss = F.cross_entropy(logits, targets[start:start + settings.batch_size])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        scheduler.step()
+        epoch_losses.append(sum(losses) / len(losses))
+    return epoch_losses

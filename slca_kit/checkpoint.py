@@ -1,0 +1,60 @@
+"""Checkpoint folders: written under a temporary name and renamed when complete, so a crash mid-save leaves the
+previous checkpoint as the latest one. ``progress.json`` inside says where the run stands."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from .io import read_json, write_json_atomic
+
+PROGRESS_FILE = "progress.json"
+_NAME = re.compile(r"^task_(\d{3})(?:_epoch_(\d{3}))?$")
+
+
+def checkpoint_name(task: int, epoch: int | None) -> str:
+    """Task-end checkpoints are ``task_003``; mid-task ones ``task_003_epoch_004`` (after epoch index 4)."""
+    return f"task_{task:03d}" if epoch is None else f"task_{task:03d}_epoch_{epoch:03d}"
+
+
+def _order_key(path: Path) -> tuple[int, int]:
+    match = _NAME.match(path.name)
+    task, epoch = int(match.group(1)), match.group(2)
+    # A finished task sorts after all of its epochs.
+    return task, 10**6 if epoch is None else int(epoch)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoints whose progress file was written (the last step of a save), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / PROGRESS_FILE).is_file()]
+    return sorted(found, key=_order_key)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def staging_dir(root: Path, name: str) -> Path:
+    path = root / f".staging_{name}"
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def finalize(staging: Path, final: Path, progress: dict, keep: int) -> None:
+    """Write the progress file, move the staging folder into place, then prune older checkpoints."""
+    write_json_atomic(staging / PROGRESS_FILE, progress)
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    older = complete_checkpoints(final.parent)[:-keep] if keep > 0 else []
+    for path in older:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_progress(checkpoint: Path) -> dict:
+    return read_json(checkpoint / PROGRESS_FILE)

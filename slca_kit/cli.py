@@ -1,0 +1,106 @@
+"""Command line: ``slca train | eval | report | list`` (also ``python -m slca_kit``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .errors import SlcaKitError
+
+DEFAULT_RECIPE = "default.yaml"
+
+
+def default_recipe_path() -> Path:
+    """The embedded default: SLCA on scikit-learn's digits, offline and on CPU in a few minutes."""
+    return Path(str(resources.files("slca_kit") / "recipes" / DEFAULT_RECIPE))
+
+
+def _split_recipe(args: list[str]) -> tuple[Path, list[str]]:
+    if args and "=" not in args[0]:
+        return Path(args[0]), args[1:]
+    return default_recipe_path(), args
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .config import load_config
+    from .trainer import Trainer, configure_logging
+
+    configure_logging()
+    recipe, overrides = _split_recipe(ns.args)
+    config = load_config(recipe, overrides)
+    trainer = Trainer(config)
+    results = trainer.run(resume=ns.resume)
+    if trainer.accelerator.is_main_process:
+        print(f"{config.name}: Last-Acc {results['last_acc']:.2f}  Inc-Acc {results['inc_acc']:.2f}  "
+              f"-> {trainer.run_dir / 'results.json'}")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from . import checkpoint as ckpt
+    from .config import load_config
+    from .trainer import Trainer, configure_logging
+
+    configure_logging()
+    run_dir = Path(ns.run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise SlcaKitError(f"{run_dir}: no config.yaml (expected a run folder written by 'slca train')")
+    config = load_config(config_path)
+    trainer = Trainer(config, run_dir)
+    checkpoint = Path(ns.checkpoint) if ns.checkpoint else ckpt.latest_checkpoint(trainer.checkpoint_root)
+    if checkpoint is None or not (checkpoint / ckpt.PROGRESS_FILE).is_file():
+        raise SlcaKitError(f"{run_dir}: no complete checkpoint to evaluate")
+    task = trainer.load_for_eval(checkpoint)
+    correct, totals = trainer.evaluate(trainer._context(task))
+    if trainer.accelerator.is_main_process:
+        per_task = "  ".join(f"t{j}: {100 * c / n:.2f}" for j, (c, n) in enumerate(zip(correct, totals)))
+        print(f"{checkpoint.name}: accuracy on {sum(totals)} test images of {trainer.scenario.seen_classes(task)} "
+              f"classes {100 * sum(correct) / sum(totals):.2f}%  ({per_task})")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from .report import report
+
+    print(report([Path(p) for p in ns.run_dirs], Path(ns.output) if ns.output else None))
+    return 0
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    from .data.benchmarks import BENCHMARKS
+    from .methods import METHODS
+
+    print("methods:    " + ", ".join(sorted(METHODS)))
+    print("benchmarks: " + ", ".join(sorted(BENCHMARKS)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slca", description="Continual fine-tuning of pretrained ViTs (SLCA).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a recipe: slca train [RECIPE.yaml] [key=value ...]")
+    train.add_argument("args", nargs="*", help="recipe path (default: the embedded digits recipe), then overrides")
+    train.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    train.set_defaults(func=cmd_train)
+    evaluate = sub.add_parser("eval", help="evaluate a run's checkpoint on all classes it has seen")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+    evaluate.set_defaults(func=cmd_eval)
+    rep = sub.add_parser("report", help="re-plot runs and print a comparison table")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--output", help="folder for the comparison plot and table")
+    rep.set_defaults(func=cmd_report)
+    lst = sub.add_parser("list", help="list methods and benchmarks")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except (SlcaKitError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,341 @@
+"""Typed run configuration: YAML recipe (with ``extends``) + ``key=value`` overrides -> validated dataclasses.
+
+Every hyper-parameter has the paper's / reference code's value as its default, with the source in a comment.
+Method-specific hyper-parameters live in each method's own ``Params`` dataclass (see ``slca_kit.methods``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    # A named benchmark preset (cifar100, imagenet_r, cub200, cars196, flowers102_proxy, digits) fills the
+    # fields below; any field set in the recipe wins over the preset.
+    benchmark: str | None = None
+    # Where the images come from: digits (scikit-learn's, embedded), arrays (.npz), imagefolder, hub.
+    source: str = "digits"
+    path: str | None = None  # .npz file or image folder (train/ + test/ sub-folders, or one folder + test_fraction)
+    hub_id: str | None = None  # Hugging Face dataset id, e.g. uoft-cs/cifar100
+    hub_config: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+    array_keys: dict[str, str] = field(
+        default_factory=lambda: {"train_x": "train_x", "train_y": "train_y", "test_x": "test_x", "test_y": "test_y"}
+    )
+    # For datasets with a single split (ImageNet-R): per-class deterministic train/test split.
+    test_fraction: float | None = None
+    split_seed: int = 0
+    num_classes: int | None = None  # declared class count, checked against the data
+    transform: str = "none"  # reference transform preset: cifar | imagenet_r | cub_cars | none
+    image_size: int = 224
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet (slca.md, Backbones)
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_workers: int = 0
+    max_train_per_class: int | None = None  # subsample for quick runs; None keeps everything
+
+
+@dataclass
+class ScenarioConfig:
+    init_classes: int | None = None  # B in B{init}-Inc{increment}; None means B0 (first task = increment)
+    increment: int = 10
+    num_tasks: int | None = None  # if set, must equal the number of tasks the split produces
+    # Classes left over after the last full increment: their own smaller task ("separate": Cars-196 = 9 x 20 + 16,
+    # slca.md) or added to the last task ("merge": Flowers-102 = 9 x 10 + 12, shared/README.md).
+    remainder: str = "separate"
+    # Reference class order: np.random.seed(s); np.random.permutation(n); seeds 1993/1996/1997 (slca.md).
+    class_order_seed: int | None = 1993
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "vit_base_patch16_224.augreg_in21k"  # SLCA's IN21K backbone (slca.md, Backbones)
+    pretrained: bool = False  # True downloads from the Hub (needs network); weights= loads a local file instead
+    weights: str | None = None  # local .safetensors / .pth / .npz
+    weights_key: str | None = None  # sub-dict of a .pth to load, e.g. "model" for MoCo v3 (slca.md)
+    card: str | None = None  # JSON model card with a "config" block of timm kwargs (../shared/weights/*.json)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    replace_final_norm: bool = True  # reference replaces the final norm with a fresh LayerNorm (slca.md)
+    drop_rate: float = 0.0  # reference: dropout / drop-path 0
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20  # CIFAR 20, IN-R/CUB/Cars 50, MoCo v3 90 (slca.md, Stage 1)
+    batch_size: int = 128  # slca.md, Stage 1
+    lr: float = 0.01  # classifier lr; backbone lr = lr * method's backbone_lr_scale (slca.md)
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "multistep"  # multistep | cosine | constant, stepped per epoch
+    milestones: list[int] = field(default_factory=lambda: [18])  # CIFAR [18], others [40] (slca.md)
+    gamma: float = 0.1
+    eta_min: float = 0.0  # cosine floor
+    grad_clip: float | None = None
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 1  # reference fixes the torch seed at 1 (slca.md)
+    eval_batch_size: int = 256
+    checkpoint_every_epoch: bool = False
+    keep_checkpoints: int = 2  # older checkpoints are deleted once a newer one is complete
+    log_with: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+    deterministic: bool = True  # torch.use_deterministic_algorithms(warn_only) on CPU
+
+
+@dataclass
+class MethodConfig:
+    name: str = "slca"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.source": ("digits", "arrays", "imagefolder", "hub"),
+    "data.transform": ("cifar", "imagenet_r", "cub_cars", "none"),
+    "scenario.remainder": ("separate", "merge"),
+    "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.scheduler": ("multistep", "cosine", "constant"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints are accepted where floats are expected)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def unknown_key_message(key: str, where: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(valid))}"
+
+
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types with the key's full path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(unknown_key_message(str(key), where, names))
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML recipe, resolving ``extends: other.yaml`` (relative to the recipe) recursively."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in _seen]}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data
+    merged: dict = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = deep_merge(merged, load_recipe_dict(path.parent / parent, _seen + (path.resolve(),)))
+    return deep_merge(merged, data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``train.milestones=[40]`` works)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+_ENV_PATTERN = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` so recipes can point at ``${SLCA_SHARED:-../shared}``."""
+
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(f"environment variable {name} is not set and {match.group(0)} gives no default")
+        return default
+
+    return _ENV_PATTERN.sub(replace, text)
+
+
+PATH_KEYS = (("data", "path"), ("backbone", "weights"), ("backbone", "card"))
+
+
+def config_from_dict(data: dict) -> Config:
+    from .data.benchmarks import apply_benchmark_preset
+    from .methods import validate_method_params
+
+    data = apply_benchmark_preset(copy.deepcopy(data))
+    for section, key in PATH_KEYS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str):
+            data[section][key] = expand_env(value)
+    if isinstance(data.get("output_dir"), str):
+        data["output_dir"] = expand_env(data["output_dir"])
+    cfg = build_dataclass(Config, data, "")
+    validate_config(cfg)
+    cfg.method.params = validate_method_params(cfg.method.name, cfg.method.params)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    data = load_recipe_dict(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def _check_positive(value: Any, key: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: must be {bound}, got {value}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Value checks that types alone cannot express. Data-dependent checks happen when the data is loaded."""
+    for key, valid in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in valid:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(valid)}")
+    for key in ("train.epochs", "scenario.increment"):
+        section, name = key.split(".")
+        _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=key == "train.epochs")
+    for key in ("train.batch_size", "train.eval_batch_size", "train.gradient_accumulation_steps",
+                "data.image_size"):
+        section, name = key.split(".")
+        _check_positive(getattr(getattr(cfg, section), name), key)
+    _check_positive(cfg.train.lr, "train.lr")
+    _check_positive(cfg.scenario.init_classes, "scenario.init_classes")
+    _check_positive(cfg.scenario.num_tasks, "scenario.num_tasks")
+    if cfg.data.test_fraction is not None and not 0 < cfg.data.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction: must be between 0 and 1, got {cfg.data.test_fraction}")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
+        raise ConfigError("data.mean / data.std: need 3 values (RGB)")
+    if cfg.data.source in ("arrays", "imagefolder") and not cfg.data.path:
+        raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
+    if cfg.data.source in ("arrays", "imagefolder") and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path: {cfg.data.path} does not exist")
+    if cfg.data.source == "hub" and not cfg.data.hub_id:
+        raise ConfigError("data.hub_id: required when data.source is 'hub'")
+    for key in ("weights", "card"):
+        value = getattr(cfg.backbone, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"backbone.{key}: file not found: {value}")
+    if sorted(cfg.train.milestones) != cfg.train.milestones:
+        raise ConfigError(f"train.milestones: must be increasing, got {cfg.train.milestones}")

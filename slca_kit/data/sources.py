@@ -1,0 +1,225 @@
+"""Image sources: scikit-learn digits (embedded), ``.npz`` arrays, local image folders and Hugging Face datasets.
+
+Every source becomes two ``ImageSplit`` objects (train, test) that expose integer labels and decode one image at a
+time, so large Hub datasets are never materialised in memory.
+"""
+from __future__ import annotations
+
+import abc
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..config import DataConfig
+from ..errors import DataError
+
+
+class ImageSplit(abc.ABC):
+    """One split: ``labels`` (int64 array) and ``image(i)`` -> RGB PIL image."""
+
+    def __init__(self, labels: np.ndarray, name: str):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @abc.abstractmethod
+    def image(self, index: int) -> Image.Image:
+        """Decode image ``index`` as RGB."""
+
+
+class ArraySplit(ImageSplit):
+    """uint8 images [N, H, W] or [N, H, W, C] held in memory."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
+        super().__init__(labels, name)
+        if images.dtype != np.uint8:
+            raise DataError(f"{name}: images must be uint8, got {images.dtype}")
+        if images.ndim not in (3, 4) or len(images) != len(labels):
+            raise DataError(f"{name}: expected images [N,H,W(,C)] matching {len(labels)} labels, got {images.shape}")
+        self.images = images
+
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+
+class HubSplit(ImageSplit):
+    """A ``datasets.Dataset`` with an image column and an integer label column, decoded lazily."""
+
+    def __init__(self, dataset: Any, image_column: str, label_column: str, name: str):
+        for column in (image_column, label_column):
+            if column not in dataset.column_names:
+                raise DataError(
+                    f"{name}: no column {column!r}; columns are {dataset.column_names} "
+                    "(set data.image_column / data.label_column)"
+                )
+        super().__init__(np.asarray(dataset[label_column]), name)
+        self.dataset = dataset
+        self.image_column = image_column
+
+    def image(self, index: int) -> Image.Image:
+        return self.dataset[int(index)][self.image_column].convert("RGB")
+
+
+class SubsetSplit(ImageSplit):
+    """A view of another split restricted to ``indices`` (used for made-up test splits and subsampling)."""
+
+    def __init__(self, parent: ImageSplit, indices: np.ndarray, name: str):
+        super().__init__(parent.labels[indices], name)
+        self.parent = parent
+        self.indices = np.asarray(indices)
+
+    def image(self, index: int) -> Image.Image:
+        return self.parent.image(int(self.indices[index]))
+
+
+@dataclass
+class LoadedData:
+    train: ImageSplit
+    test: ImageSplit
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic per-class split: each class's indices are permuted with ``seed`` and the first
+    ``round(test_fraction * n)`` go to test. Per class, so every class appears in both splits."""
+    rng = np.random.RandomState(seed)
+    train, test = [], []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        members = members[rng.permutation(len(members))]
+        n_test = int(round(test_fraction * len(members)))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _load_digits(cfg: DataConfig) -> LoadedData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # pixel values are 0..16
+    whole = ArraySplit(images, digits.target, "digits")
+    train_idx, test_idx = stratified_split(whole.labels, cfg.test_fraction or 0.25, cfg.split_seed)
+    names = [str(name) for name in digits.target_names]
+    return LoadedData(SubsetSplit(whole, train_idx, "digits/train"), SubsetSplit(whole, test_idx, "digits/test"), names)
+
+
+def _load_arrays(cfg: DataConfig) -> LoadedData:
+    path = Path(cfg.path)
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.path: cannot read {path} as .npz: {err}") from None
+    missing = [key for key in cfg.array_keys.values() if key not in arrays.files]
+    if missing:
+        raise DataError(f"data.path: {path} has no arrays {missing}; it has {arrays.files} (set data.array_keys)")
+    keys = cfg.array_keys
+    train = ArraySplit(arrays[keys["train_x"]], arrays[keys["train_y"]], f"{path.name}/train")
+    test = ArraySplit(arrays[keys["test_x"]], arrays[keys["test_y"]], f"{path.name}/test")
+    n = int(max(train.labels.max(), test.labels.max())) + 1
+    names = [str(c) for c in arrays["classes"]] if "classes" in arrays.files else [str(i) for i in range(n)]
+    return LoadedData(train, test, names)
+
+
+def _hub_splits(cfg: DataConfig, dataset_dict: Any, origin: str) -> LoadedData:
+    from datasets import ClassLabel
+
+    if cfg.train_split not in dataset_dict:
+        raise DataError(f"{origin}: no split {cfg.train_split!r}; splits are {list(dataset_dict)} (data.train_split)")
+    train_ds = dataset_dict[cfg.train_split]
+    feature = train_ds.features.get(cfg.label_column)
+    train = HubSplit(train_ds, cfg.image_column, cfg.label_column, f"{origin}/{cfg.train_split}")
+    if cfg.test_split in dataset_dict and cfg.test_fraction is None:
+        test = HubSplit(dataset_dict[cfg.test_split], cfg.image_column, cfg.label_column, f"{origin}/{cfg.test_split}")
+    elif cfg.test_fraction is not None:
+        whole = train
+        train_idx, test_idx = stratified_split(whole.labels, cfg.test_fraction, cfg.split_seed)
+        train = SubsetSplit(whole, train_idx, f"{origin}/train")
+        test = SubsetSplit(whole, test_idx, f"{origin}/test")
+    else:
+        raise DataError(
+            f"{origin}: no split {cfg.test_split!r}; splits are {list(dataset_dict)} "
+            "(set data.test_split, or data.test_fraction to split the training set)"
+        )
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+    else:
+        names = [str(i) for i in range(int(max(train.labels.max(), test.labels.max())) + 1)]
+    return LoadedData(train, test, names)
+
+
+def _load_imagefolder(cfg: DataConfig) -> LoadedData:
+    from datasets import load_dataset
+
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise DataError(f"data.path: {root} is not a folder of class sub-folders")
+    has_splits = (root / cfg.train_split).is_dir()
+    if not has_splits and cfg.test_fraction is None:
+        raise DataError(
+            f"data.path: {root} has no {cfg.train_split}/ sub-folder; give train/ and test/ sub-folders, "
+            "or set data.test_fraction to split one folder of class sub-folders"
+        )
+    if has_splits:
+        data_files = {split: str(root / split / "**") for split in (cfg.train_split, cfg.test_split)
+                      if (root / split).is_dir()}
+        dataset_dict = load_dataset("imagefolder", data_files=data_files)
+    else:
+        dataset_dict = load_dataset("imagefolder", data_files={cfg.train_split: str(root / "**")})
+    image_cfg = DataConfig(**{**cfg.__dict__, "image_column": "image", "label_column": "label"})
+    return _hub_splits(image_cfg, dataset_dict, str(root))
+
+
+def _load_hub(cfg: DataConfig) -> LoadedData:  # pragma: no cover - needs network; exercised on real machines
+    from datasets import load_dataset
+
+    dataset_dict = load_dataset(cfg.hub_id, cfg.hub_config)
+    return _hub_splits(cfg, dataset_dict, cfg.hub_id)
+
+
+LOADERS = {"digits": _load_digits, "arrays": _load_arrays, "imagefolder": _load_imagefolder, "hub": _load_hub}
+
+
+def _subsample(split: ImageSplit, per_class: int, seed: int) -> ImageSplit:
+    rng = np.random.RandomState(seed)
+    keep = []
+    for label in np.unique(split.labels):
+        members = np.flatnonzero(split.labels == label)
+        keep.append(np.sort(members[rng.permutation(len(members))[:per_class]]))
+    return SubsetSplit(split, np.sort(np.concatenate(keep)), split.name)
+
+
+def load_data(cfg: DataConfig) -> LoadedData:
+    """Load train/test splits and check labels against ``data.num_classes``."""
+    data = LOADERS[cfg.source](cfg)
+    for split in (data.train, data.test):
+        if len(split) == 0:
+            raise DataError(f"{split.name}: the split is empty")
+        if split.labels.min() < 0:
+            raise DataError(f"{split.name}: labels must be >= 0, found {split.labels.min()}")
+    present = np.unique(data.train.labels)
+    n_classes = cfg.num_classes if cfg.num_classes is not None else data.num_classes
+    if cfg.num_classes is not None and data.num_classes != cfg.num_classes:
+        raise DataError(f"data.num_classes: recipe declares {cfg.num_classes} but the data has {data.num_classes} "
+                        f"classes ({data.train.name})")
+    if len(present) != n_classes or present.max() != n_classes - 1:
+        missing = sorted(set(range(n_classes)) - set(present.tolist()))[:10]
+        raise DataError(f"{data.train.name}: expected labels 0..{n_classes - 1}, classes without training "
+                        f"images: {missing}")
+    if len(set(data.class_names)) != len(data.class_names):
+        raise DataError(f"{data.train.name}: duplicate class names")
+    if data.test.labels.max() >= n_classes:
+        raise DataError(f"{data.test.name}: label {data.test.labels.max()} >= {n_classes} classes")
+    if cfg.max_train_per_class is not None:
+        data.train = _subsample(data.train, cfg.max_train_per_class, cfg.split_seed)
+    return data

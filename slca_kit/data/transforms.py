@@ -1,0 +1,35 @@
+"""The SLCA reference transforms (slca.md, "Transforms"), scaled from 224 px to ``data.image_size``."""
+from __future__ import annotations
+
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from ..config import DataConfig
+
+BICUBIC = InterpolationMode.BICUBIC
+
+
+def _scaled(size: int, reference: int) -> int:
+    """A reference size given at 224 px (e.g. Resize 256, Resize 300) scaled to ``size``."""
+    return int(round(size * reference / 224))
+
+
+def build_transforms(cfg: DataConfig) -> tuple[T.Compose, T.Compose]:
+    """Return (train, test) transforms for the preset ``cfg.transform``."""
+    size = cfg.image_size
+    finish = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    test_resize = T.Resize(_scaled(size, 256), interpolation=BICUBIC if cfg.transform == "cifar" else
+                           InterpolationMode.BILINEAR)
+    test = T.Compose([test_resize, T.CenterCrop(size), *finish])
+    if cfg.transform == "cifar":
+        train = [T.RandomResizedCrop(size, interpolation=BICUBIC), T.RandomHorizontalFlip(),
+                 T.ColorJitter(brightness=63 / 255)]
+    elif cfg.transform == "imagenet_r":
+        train = [T.RandomResizedCrop(size, interpolation=BICUBIC), T.RandomHorizontalFlip()]
+    elif cfg.transform == "cub_cars":
+        big = _scaled(size, 300)
+        train = [T.Resize((big, big), interpolation=BICUBIC), T.RandomCrop(size), T.RandomHorizontalFlip()]
+    else:  # "none": resize only, identical for train and test
+        plain = T.Compose([T.Resize((size, size), interpolation=BICUBIC), *finish])
+        return plain, plain
+    return T.Compose([*train, *finish]), test

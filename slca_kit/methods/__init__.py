@@ -1,0 +1,42 @@
+"""Method registry: a recipe's ``method.name`` picks a class here; ``register_method`` adds a plug-in."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import build_dataclass
+from ..errors import ConfigError
+from .base import Method, TaskContext
+from .joint import Joint
+from .linear_probe import LinearProbe
+from .seq_ft import SeqFT, SeqFTSlowLearner
+from .slca import SLCA
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SeqFT, SeqFTSlowLearner, SLCA, Joint, LinearProbe)}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator for methods defined outside slca_kit: ``@register_method class MyMethod(Method): ...``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def validate_method_params(name: str, params):
+    """Turn ``method.params`` into the method's typed ``Params`` (unknown keys and wrong types are errors)."""
+    cls = method_class(name)
+    if dataclasses.is_dataclass(params):
+        params = dataclasses.asdict(params)
+    return build_dataclass(cls.Params, params, "method.params")
+
+
+def build_method(config) -> Method:
+    cls = method_class(config.method.name)
+    return cls(validate_method_params(config.method.name, config.method.params), config)
+
+
+__all__ = ["METHODS", "Method", "TaskContext", "build_method", "method_class", "register_method"]

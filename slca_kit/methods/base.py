@@ -1,0 +1,109 @@
+"""The small interface every continual-learning method implements; the trainer calls only these hooks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # imported for type hints only
+    from accelerate import Accelerator
+
+    from ..config import Config
+    from ..data.scenario import Scenario
+    from ..models.continual import ContinualModel
+
+
+@dataclass
+class TaskContext:
+    """What a method may use during one task. ``extract_features`` runs the current backbone with TEST transforms
+    over this process's shard of the chosen split and classes; ``reduce_sum`` sums tensors over processes."""
+
+    task: int
+    scenario: "Scenario"
+    config: "Config"
+    accelerator: "Accelerator"
+    extract_features: Callable[[list[int], str], tuple[torch.Tensor, torch.Tensor]]
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+    timer: Callable[[str], Any]
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def known_classes(self) -> int:
+        """Classes of earlier tasks (the current task's labels start here)."""
+        return self.scenario.task_offset(self.task)
+
+    @property
+    def seen_classes(self) -> int:
+        return self.scenario.seen_classes(self.task)
+
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            from accelerate.logging import get_logger
+
+            get_logger("slca_kit").info(message, main_process_only=True)
+
+
+class Method:
+    """Base method: sequential fine-tuning with per-task heads and current-task cross-entropy.
+
+    Subclasses set ``name`` and ``Params`` (a dataclass of hyper-parameters with paper defaults) and override
+    only the hooks that make them different."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, params: Any, config: "Config"):
+        self.params = params
+        self.config = config
+
+    # -- which data a task trains on --------------------------------------------------------------
+    def training_classes(self, ctx: TaskContext) -> list[int]:
+        return ctx.scenario.task_classes(ctx.task)
+
+    def train_epochs(self, ctx: TaskContext) -> int:
+        return self.config.train.epochs
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def before_task(self, model: "ContinualModel", ctx: TaskContext) -> None:
+        """Called after the trainer added this task's head. Default: freeze earlier tasks' heads (reference)."""
+        for index, head in enumerate(model.head.heads):
+            head.requires_grad_(index == ctx.task)
+
+    def param_groups(self, model: "ContinualModel", ctx: TaskContext) -> list[dict]:
+        """Optimizer parameter groups, each with its own ``lr``; frozen parameters are left out."""
+        lr = self.config.train.lr
+        head = [p for p in model.head.parameters() if p.requires_grad]
+        backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+        scale = getattr(self.params, "backbone_lr_scale", 1.0)
+        groups = [{"name": "head", "params": head, "lr": lr}]
+        if backbone and scale > 0:
+            groups.append({"name": "backbone", "params": backbone, "lr": lr * scale})
+        return groups
+
+    def training_loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      ctx: TaskContext) -> torch.Tensor:
+        """Cross-entropy on the current task's logits only (reference: ``logits[:, known:]``, targets - known)."""
+        logits = model(images)
+        return F.cross_entropy(logits[:, ctx.known_classes:], labels - ctx.known_classes)
+
+    def after_training(self, model: "ContinualModel", ctx: TaskContext) -> None:
+        """After the task's epochs, before evaluation (statistics, alignment, importance, ...)."""
+
+    def predict(self, model: "ContinualModel", images: torch.Tensor, ctx: TaskContext) -> torch.Tensor:
+        """Logits over all seen classes."""
+        return model(images)
+
+    def end_task(self, model: "ContinualModel", ctx: TaskContext) -> None:
+        """After evaluation, before the task's checkpoint."""
+
+    # -- checkpoint state -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (tensors, numbers, lists and dicts of them)."""

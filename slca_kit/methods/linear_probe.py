@@ -1,0 +1,55 @@
+"""Frozen pretrained backbone: a linear head per task, or SimpleCIL-style class prototypes (cosine classifier)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method, TaskContext
+
+
+class LinearProbe(Method):
+    name = "linear_probe"
+
+    @dataclass
+    class Params:
+        # False: train a linear head per task on frozen features (current-task cross-entropy).
+        # True: SimpleCIL (Zhou et al. 2023): no training, the classifier is each class's mean feature and the
+        # logit is the cosine similarity to it.
+        prototypes: bool = False
+
+    def __init__(self, params, config):
+        super().__init__(params, config)
+        self.prototypes: torch.Tensor | None = None  # [seen classes, d], float32
+
+    def before_task(self, model, ctx: TaskContext) -> None:
+        super().before_task(model, ctx)
+        model.backbone.requires_grad_(False)
+
+    def train_epochs(self, ctx: TaskContext) -> int:
+        return 0 if self.params.prototypes else self.config.train.epochs
+
+    def after_training(self, model, ctx: TaskContext) -> None:
+        if not self.params.prototypes:
+            return
+        classes = ctx.scenario.task_classes(ctx.task)
+        with ctx.timer("statistics"):
+            features, labels = ctx.extract_features(classes, "train")
+            onehot = F.one_hot(labels - classes[0], len(classes)).to(torch.float64)
+            sums = ctx.reduce_sum(onehot.T @ features.to(torch.float64))
+            counts = ctx.reduce_sum(onehot.sum(0))
+            means = (sums / counts[:, None]).float().cpu()
+        self.prototypes = means if self.prototypes is None else torch.cat([self.prototypes, means])
+
+    def predict(self, model, images: torch.Tensor, ctx: TaskContext) -> torch.Tensor:
+        if not self.params.prototypes:
+            return model(images)
+        features = F.normalize(model.features(images).float(), dim=1)
+        return features @ F.normalize(self.prototypes.to(features.device), dim=1).T
+
+    def state_dict(self) -> dict:
+        return {"prototypes": self.prototypes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prototypes = state.get("prototypes")

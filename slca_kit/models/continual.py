@@ -1,0 +1,27 @@
+"""The trained model: an unmodified timm backbone plus the incremental head."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import BackboneConfig
+from .backbone import create_backbone
+from .heads import IncrementalHead
+
+
+class ContinualModel(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = IncrementalHead(backbone.num_features)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-logits feature (CLS token after the final norm for timm ViTs built with num_classes=0)."""
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def build_model(cfg: BackboneConfig) -> ContinualModel:
+    return ContinualModel(create_backbone(cfg))

@@ -1,0 +1,30 @@
+"""The incremental classifier: one linear head per task, concatenated (reference ``SimpleContinualLinear``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class IncrementalHead(nn.Module):
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.heads = nn.ModuleList()
+
+    def add_task(self, num_classes: int) -> nn.Linear:
+        head = nn.Linear(self.in_features, num_classes)
+        nn.init.trunc_normal_(head.weight, std=0.02)  # reference init (slca.md, Stage 1)
+        nn.init.zeros_(head.bias)
+        self.heads.append(head)
+        return head
+
+    @property
+    def task_sizes(self) -> list[int]:
+        return [head.out_features for head in self.heads]
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.task_sizes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(features) for head in self.heads], dim=1)

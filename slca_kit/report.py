@@ -1,0 +1,100 @@
+"""Run outputs a person can read: results.json, the accuracy matrix as CSV, and PNG plots; comparisons of runs."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .io import atomic_write, read_json, write_json_atomic, write_text_atomic  # noqa: E402
+
+
+def matrix_csv(matrix: list[list[float | None]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["after_task"] + [f"task_{j}" for j in range(len(matrix))])
+    for i, row in enumerate(matrix):
+        writer.writerow([i] + ["" if value is None else f"{value:.2f}" for value in row])
+    return buffer.getvalue()
+
+
+def _save_figure(figure, path: Path) -> None:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(figure)
+
+
+def plot_matrix(results: dict, path: Path) -> None:
+    matrix = results["accuracy_matrix"]
+    n = len(matrix)
+    values = [[float("nan") if v is None else v for v in row] for row in matrix]
+    figure, axes = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n))
+    image = axes.imshow(values, vmin=0, vmax=100, cmap="viridis")
+    for i in range(n):
+        for j in range(i + 1):
+            axes.text(j, i, f"{values[i][j]:.0f}", ha="center", va="center", fontsize=7,
+                      color="white" if values[i][j] < 60 else "black")
+    axes.set_xlabel("evaluated on task")
+    axes.set_ylabel("after training task")
+    axes.set_xticks(range(n))
+    axes.set_yticks(range(n))
+    axes.set_title(f"{results['method']}: accuracy (%)  Last {results['last_acc']:.1f}  Inc {results['inc_acc']:.1f}")
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    _save_figure(figure, path)
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    """Accuracy on all seen classes after each task, one line per run."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for results in runs:
+        classes = [record["classes"] for record in results["tasks"]]
+        axes.plot(classes, results["seen_accuracy"], marker="o",
+                  label=f"{results['name']} ({results['last_acc']:.1f})")
+    axes.set_xlabel("classes seen")
+    axes.set_ylabel("top-1 accuracy on seen classes (%)")
+    axes.set_ylim(0, 100)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    _save_figure(figure, path)
+
+
+def write_run_outputs(run_dir: Path, results: dict) -> None:
+    run_dir = Path(run_dir)
+    write_json_atomic(run_dir / "results.json", results)
+    write_text_atomic(run_dir / "accuracy_matrix.csv", matrix_csv(results["accuracy_matrix"]))
+    plot_matrix(results, run_dir / "accuracy_matrix.png")
+    plot_curves([results], run_dir / "accuracy_curve.png")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def comparison_table(runs: list[dict]) -> str:
+    """Markdown table of Last-Acc, Inc-Acc, forgetting and BWT."""
+    lines = ["| run | method | tasks | Last-Acc | Inc-Acc | Forgetting | BWT |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['name']} | {r['method']} | {len(r['accuracy_matrix'])}/{len(r['task_sizes'])} | "
+                     f"{_fmt(r['last_acc'])} | {_fmt(r['inc_acc'])} | {_fmt(r['forgetting'])} | {_fmt(r['bwt'])} |")
+    return "\n".join(lines)
+
+
+def report(run_dirs: list[Path], output: Path | None = None) -> str:
+    """Re-create each run's plots; with several runs also a comparison curve and table under ``output``."""
+    runs = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{run_dir}: no results.json (is this a run folder?)")
+        results = read_json(path)
+        write_run_outputs(Path(run_dir), results)
+        runs.append(results)
+    table = comparison_table(runs)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        plot_curves(runs, output / "comparison_curve.png")
+        write_text_atomic(output / "comparison.md", table + "\n")
+    return table

@@ -1,0 +1,369 @@
+"""One training loop for every method, on ``accelerate``: devices, DDP, mixed precision, gradient accumulation,
+per-group learning rates, per-epoch schedules, checkpoints, evaluation and results.
+
+Per task: add the task's head -> method.before_task -> epochs of method.training_loss -> method.after_training
+-> evaluate on all seen classes -> method.end_task -> checkpoint + results. The trainer knows no method by name.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config, TrainConfig
+from .data import build_scenario, load_data
+from .data.task_data import EpochShuffleSampler, TaskDataset
+from .data.transforms import build_transforms
+from .errors import CheckpointError, ConfigError, SlcaKitError
+from .io import write_text_atomic
+from .methods import TaskContext, build_method
+from .metrics import AccuracyMatrix
+from .models import build_model
+from .report import write_run_outputs
+
+logger = get_logger("slca_kit")
+
+
+class TrainingDiverged(SlcaKitError):
+    """The training loss became NaN or infinite."""
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int):
+    """Stepped once per epoch."""
+    if cfg.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=cfg.eta_min)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RunState:
+    """Everything besides model/optimizer weights that a checkpoint must restore (registered with accelerate)."""
+
+    def __init__(self, method):
+        self.method = method
+        self.matrix = AccuracyMatrix()
+        self.task_records: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"matrix": self.matrix.state_dict(), "task_records": self.task_records,
+                "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.matrix = AccuracyMatrix.from_state_dict(state["matrix"])
+        self.task_records = list(state["task_records"])
+        self.method.load_state_dict(state["method"])
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: str | Path | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
+        train = config.train
+        self.accelerator = Accelerator(
+            mixed_precision=train.mixed_precision,
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            # Frozen old heads and task-dependent losses leave parameters unused in some steps.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            log_with=train.log_with or None,
+            project_dir=str(self.run_dir),
+            step_scheduler_with_optimizer=False,  # schedules are per epoch
+        )
+        per_step = self.accelerator.num_processes * train.gradient_accumulation_steps
+        if train.batch_size % per_step:
+            raise ConfigError(f"train.batch_size: {train.batch_size} must divide by processes x accumulation "
+                              f"steps = {per_step} (it is the global batch per optimizer step)")
+        self.micro_batch = train.batch_size // per_step
+        if train.deterministic and self.accelerator.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.data = load_data(config.data)
+        self.scenario = build_scenario(config.scenario, self.data.num_classes)
+        self.label_map = self.scenario.label_map()
+        self.train_transform, self.test_transform = build_transforms(config.data)
+        set_seed(train.seed)
+        self.model = build_model(config.backbone).to(self.accelerator.device)
+        self.method = build_method(config)
+        self.state = RunState(self.method)
+        self.accelerator.register_for_checkpointing(self.state)
+        self._timings: dict[str, float] = {}
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _seed(self, task: int, epoch: int = 0) -> None:
+        """Seed from (seed, task, epoch) so a run resumed at any task or epoch boundary continues identically."""
+        set_seed((self.config.train.seed * 1_000_003 + task * 1_009 + epoch) % 2**31)
+
+    @contextlib.contextmanager
+    def _timer(self, section: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timings[section] = self._timings.get(section, 0.0) + time.perf_counter() - start
+
+    def _shard(self, dataset: TaskDataset) -> Subset:
+        """This process's share of ``dataset`` (every num_processes-th sample, no padding, no duplicates)."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return Subset(dataset, range(rank, len(dataset), world))
+
+    def _loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.config.data.num_workers, **kwargs)
+
+    def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.contiguous(), reduction="sum")
+
+    @torch.no_grad()
+    def extract_features(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (float32, full precision) of this process's shard of ``split`` for ``classes``, with the TEST
+        transform and the backbone as it is now (slca.md, Class statistics)."""
+        source = self.data.train if split == "train" else self.data.test
+        dataset = TaskDataset(source, self.label_map, classes, self.test_transform)
+        self.model.eval()
+        features, labels = [], []
+        for images, targets in self._loader(self._shard(dataset), self.config.train.eval_batch_size):
+            features.append(self.model.features(images.to(self.accelerator.device)).float())
+            labels.append(targets.to(self.accelerator.device))
+        if not features:
+            dim = self.model.backbone.num_features
+            return torch.zeros(0, dim, device=self.accelerator.device), torch.zeros(0, dtype=torch.long,
+                                                                                    device=self.accelerator.device)
+        return torch.cat(features), torch.cat(labels)
+
+    def _context(self, task: int) -> TaskContext:
+        return TaskContext(task=task, scenario=self.scenario, config=self.config, accelerator=self.accelerator,
+                           extract_features=self.extract_features, reduce_sum=self._reduce_sum, timer=self._timer)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict:
+        accelerator = self.accelerator
+        start_task, start_epoch = 0, 0
+        if resume:
+            start_task, start_epoch = self._prepare_resume()
+        elif ckpt.latest_checkpoint(self.checkpoint_root) is not None:
+            raise CheckpointError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                                  "or choose another name / output_dir")
+        if accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        if self.config.train.log_with:
+            accelerator.init_trackers(self.config.name, config=_flat(self.config.to_dict()))
+        logger.info(f"{self.config.method.name}: {self.scenario.num_tasks} tasks {list(self.scenario.task_sizes)} on "
+                    f"{accelerator.num_processes} process(es), device {accelerator.device}", main_process_only=True)
+        for task in range(start_task, self.scenario.num_tasks):
+            self._run_task(task, start_epoch if task == start_task else 0, resuming=resume and task == start_task)
+        results = self.results(complete=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_run_outputs(self.run_dir, results)
+        accelerator.end_training()
+        return results
+
+    def _add_heads_until(self, task: int) -> None:
+        while len(self.model.head.heads) <= task:
+            self.model.head.add_task(self.scenario.task_sizes[len(self.model.head.heads)]).to(self.accelerator.device)
+
+    def _run_task(self, task: int, start_epoch: int, resuming: bool) -> None:
+        accelerator = self.accelerator
+        self._timings = {}
+        if not resuming or start_epoch == 0:
+            self._seed(task)
+            self._add_heads_until(task)
+        ctx = self._context(task)
+        self.method.before_task(self.model, ctx)
+        epochs = self.method.train_epochs(ctx)
+        bar = tqdm(total=epochs, initial=start_epoch, desc=f"task {task + 1}/{self.scenario.num_tasks}",
+                   disable=not accelerator.is_local_main_process, leave=False)
+        prepared = self._prepare_training(ctx, epochs) if epochs > 0 else None
+        if resuming and start_epoch > 0:
+            accelerator.load_state(str(self._resume_from))
+        with self._timer("train"):
+            for epoch in range(start_epoch, epochs):
+                self._train_epoch(prepared, ctx, epoch)
+                bar.update(1)
+                if self.config.train.checkpoint_every_epoch and epoch + 1 < epochs:
+                    self._save_checkpoint(task, epoch)
+        bar.close()
+        self.method.after_training(self.model, ctx)
+        with self._timer("evaluation"):
+            correct, totals = self.evaluate(ctx)
+        self.state.matrix.add_row(correct, totals)
+        self.method.end_task(self.model, ctx)
+        record = {"task": task, "classes": ctx.seen_classes, "seen_accuracy": self.state.matrix.seen_accuracy(task),
+                  "seconds": {k: round(v, 3) for k, v in self._timings.items()},
+                  "peak_memory_mib": round(peak_memory_mib(accelerator.device), 1)}
+        self.state.task_records.append(record)
+        logger.info(f"task {task + 1}/{self.scenario.num_tasks}: accuracy on {ctx.seen_classes} seen classes "
+                    f"{record['seen_accuracy']:.2f}%  ({record['seconds']})", main_process_only=True)
+        if self.config.train.log_with:
+            accelerator.log({"seen_accuracy": record["seen_accuracy"]}, step=task)
+        self._save_checkpoint(task, None)
+        if accelerator.is_main_process:
+            write_run_outputs(self.run_dir, self.results(complete=False))
+        self.model = accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        accelerator.free_memory()
+
+    def _prepare_training(self, ctx: TaskContext, epochs: int) -> dict:
+        accelerator = self.accelerator
+        dataset = TaskDataset(self.data.train, self.label_map, self.method.training_classes(ctx),
+                              self.train_transform)
+        sampler = EpochShuffleSampler(len(dataset), self.config.train.seed * 1_000 + ctx.task)
+        loader = self._loader(dataset, self.micro_batch, sampler=sampler)
+        groups = [g for g in self.method.param_groups(self.model, ctx) if g["params"]]
+        optimizer = build_optimizer(groups, self.config.train)
+        scheduler = build_scheduler(optimizer, self.config.train, epochs)
+        model, optimizer, loader, scheduler = accelerator.prepare(self.model, optimizer, loader, scheduler)
+        return {"model": model, "optimizer": optimizer, "loader": loader, "scheduler": scheduler,
+                "sampler": sampler}
+
+    def _train_epoch(self, prepared: dict, ctx: TaskContext, epoch: int) -> None:
+        accelerator = self.accelerator
+        model, optimizer = prepared["model"], prepared["optimizer"]
+        self._seed(ctx.task, epoch + 1)
+        prepared["sampler"].set_epoch(epoch)
+        model.train()
+        for step, (images, labels) in enumerate(prepared["loader"]):
+            with accelerator.accumulate(model):
+                loss = self.method.training_loss(model, images, labels, ctx)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"task {ctx.task}, epoch {epoch}, step {step}: loss is {loss.item()}; "
+                                           "the last finished task's checkpoint is kept (lower train.lr?)")
+                accelerator.backward(loss)
+                if self.config.train.grad_clip is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        prepared["scheduler"].step()
+
+    @torch.no_grad()
+    def evaluate(self, ctx: TaskContext) -> tuple[list[int], list[int]]:
+        """Correct predictions and test samples per task over all seen classes (argmax over seen classes),
+        each process on its own shard, summed across processes."""
+        seen = ctx.seen_classes
+        dataset = TaskDataset(self.data.test, self.label_map, list(range(seen)), self.test_transform)
+        class_task = torch.as_tensor(self.scenario.class_task_ids(), device=self.accelerator.device)
+        n_tasks = ctx.task + 1
+        correct = torch.zeros(n_tasks, dtype=torch.long, device=self.accelerator.device)
+        totals = torch.zeros(n_tasks, dtype=torch.long, device=self.accelerator.device)
+        self.model.eval()
+        for images, labels in self._loader(self._shard(dataset), self.config.train.eval_batch_size):
+            images, labels = images.to(self.accelerator.device), labels.to(self.accelerator.device)
+            with self.accelerator.autocast():
+                logits = self.method.predict(self.model, images, ctx)
+            hits = logits[:, :seen].argmax(dim=1) == labels
+            tasks = class_task[labels]
+            correct += torch.bincount(tasks[hits], minlength=n_tasks)
+            totals += torch.bincount(tasks, minlength=n_tasks)
+        return self._reduce_sum(correct).tolist(), self._reduce_sum(totals).tolist()
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _save_checkpoint(self, task: int, epoch: int | None) -> None:
+        """``accelerator.save_state`` into a staging folder, renamed into place once complete."""
+        accelerator = self.accelerator
+        name = ckpt.checkpoint_name(task, epoch)
+        staging = self.checkpoint_root / f".staging_{name}"
+        if accelerator.is_main_process:
+            ckpt.staging_dir(self.checkpoint_root, name)
+        accelerator.wait_for_everyone()
+        if not accelerator._models:  # nothing prepared (a method with no training epochs)
+            accelerator.prepare_model(self.model)
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            progress = {"task": task, "epoch": epoch, "head_sizes": self.model.head.task_sizes}
+            ckpt.finalize(staging, self.checkpoint_root / name, progress, self.config.train.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def _prepare_resume(self) -> tuple[int, int]:
+        """Rebuild heads up to the checkpoint, load it, and return the (task, epoch) to continue from."""
+        latest = ckpt.latest_checkpoint(self.checkpoint_root)
+        if latest is None:
+            raise CheckpointError(f"--resume: no complete checkpoint under {self.checkpoint_root}")
+        progress = ckpt.read_progress(latest)
+        task, epoch = progress["task"], progress["epoch"]
+        self._add_heads_until(task)
+        if self.model.head.task_sizes != progress["head_sizes"]:
+            raise CheckpointError(f"{latest}: head sizes {progress['head_sizes']} do not match this recipe's "
+                                  f"tasks {self.model.head.task_sizes}")
+        self._resume_from = latest
+        logger.info(f"resuming from {latest}", main_process_only=True)
+        if epoch is None:
+            self.accelerator.prepare_model(self.model)
+            self.accelerator.load_state(str(latest))
+            self.model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+            self.accelerator.free_memory()
+            return task + 1, 0
+        # Mid-task: model, optimizer and scheduler are rebuilt for the task, then loaded in _run_task.
+        return task, epoch + 1
+
+    def load_for_eval(self, checkpoint: Path) -> int:
+        """Load a checkpoint for evaluation only; returns the last finished task."""
+        progress = ckpt.read_progress(checkpoint)
+        if progress["epoch"] is not None:
+            raise CheckpointError(f"{checkpoint}: a mid-task checkpoint; evaluate a task-end checkpoint instead")
+        self._add_heads_until(progress["task"])
+        self.accelerator.prepare_model(self.model)
+        self.accelerator.load_state(str(checkpoint))
+        self.model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        return progress["task"]
+
+    # -- results ----------------------------------------------------------------------------------
+    def results(self, complete: bool) -> dict:
+        matrix = self.state.matrix
+        return {
+            "name": self.config.name,
+            "method": self.config.method.name,
+            "complete": complete,
+            "num_processes": self.accelerator.num_processes,
+            "task_sizes": list(self.scenario.task_sizes),
+            "class_order": list(self.scenario.class_order),
+            **matrix.summary(),
+            "tasks": self.state.task_records,
+            "config": self.config.to_dict(),
+        }
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Flatten nested config for trackers, which accept scalar hyper-parameters only."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def configure_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
