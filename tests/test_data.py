@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slca_kit.config import DataConfig
+from slca_kit.data.sources import load_data, stratified_split
+from slca_kit.data.task_data import EpochShuffleSampler, TaskDataset
+from slca_kit.data.transforms import build_transforms
+from slca_kit.errors import DataError
+
+from conftest import make_color_images
+
+
+def test_arrays_source(tiny_npz):
+    data = load_data(DataConfig(source="arrays", path=str(tiny_npz), num_classes=6))
+    assert len(data.train) == 96 and len(data.test) == 36
+    assert data.class_names[0] == "class_0"
+    assert data.train.image(0).mode == "RGB" and data.train.image(0).size == (32, 32)
+
+
+def test_declared_class_count_mismatch(tiny_npz):
+    with pytest.raises(DataError, match="data.num_classes: recipe declares 10 but the data has 6"):
+        load_data(DataConfig(source="arrays", path=str(tiny_npz), num_classes=10))
+
+
+def test_missing_array_key(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"has no arrays \['train_x'"):
+        load_data(DataConfig(source="arrays", path=str(path)))
+
+
+def test_empty_class_is_reported(tmp_path):
+    x, y = make_color_images(3, 4, seed=0)
+    y = np.where(y == 1, 2, y)  # class 1 has no training images
+    path = tmp_path / "gap.npz"
+    np.savez(path, train_x=x, train_y=y, test_x=x, test_y=y)
+    with pytest.raises(DataError, match=r"classes without training images: \[1\]"):
+        load_data(DataConfig(source="arrays", path=str(path), num_classes=3))
+
+
+def test_digits_is_embedded_and_split_per_class():
+    data = load_data(DataConfig(source="digits", test_fraction=0.25, num_classes=10))
+    assert len(data.train) + len(data.test) == 1797
+    for label in range(10):
+        n_train, n_test = (data.train.labels == label).sum(), (data.test.labels == label).sum()
+        assert n_test == round(0.25 * (n_train + n_test))
+
+
+def test_stratified_split_is_deterministic_and_disjoint():
+    labels = np.repeat(np.arange(4), 10)
+    train_a, test_a = stratified_split(labels, 0.2, seed=0)
+    train_b, test_b = stratified_split(labels, 0.2, seed=0)
+    assert (train_a == train_b).all() and (test_a == test_b).all()
+    assert set(train_a).isdisjoint(test_a) and len(train_a) + len(test_a) == 40
+    assert np.bincount(labels[test_a]).tolist() == [2, 2, 2, 2]
+    assert not (stratified_split(labels, 0.2, seed=1)[1] == test_a).all()
+
+
+def _image_folder(root, splits=("train", "test")):
+    x, y = make_color_images(3, 4, seed=0, size=16)
+    for split in splits:
+        for i, (image, label) in enumerate(zip(x, y)):
+            folder = root / split / f"kind_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+
+
+def test_imagefolder_with_train_and_test(tmp_path):
+    _image_folder(tmp_path)
+    data = load_data(DataConfig(source="imagefolder", path=str(tmp_path), num_classes=3))
+    assert data.class_names == ["kind_0", "kind_1", "kind_2"]
+    assert len(data.train) == 12 and len(data.test) == 12
+    assert data.train.image(0).size == (16, 16)
+
+
+def test_imagefolder_single_split_needs_test_fraction(tmp_path):
+    _image_folder(tmp_path, splits=("all",))
+    root = tmp_path / "all"
+    with pytest.raises(DataError, match="data.test_fraction"):
+        load_data(DataConfig(source="imagefolder", path=str(root)))
+    data = load_data(DataConfig(source="imagefolder", path=str(root), test_fraction=0.25))
+    assert len(data.train) == 9 and len(data.test) == 3
+
+
+def test_hub_style_missing_column(tmp_path):
+    _image_folder(tmp_path)
+    from datasets import load_dataset
+
+    from slca_kit.data.sources import HubSplit
+
+    dataset = load_dataset("imagefolder", data_files={"train": str(tmp_path / "train" / "**")})["train"]
+    with pytest.raises(DataError, match="no column 'img'; columns are"):
+        HubSplit(dataset, "img", "label", "x")
+
+
+def test_task_dataset_remaps_labels(tiny_npz):
+    data = load_data(DataConfig(source="arrays", path=str(tiny_npz)))
+    label_map = np.array([3, 0, 1, 2, 5, 4])  # original label -> position in class order
+    _, test_tf = build_transforms(DataConfig(image_size=32, transform="none"))
+    dataset = TaskDataset(data.test, label_map, [0, 1], test_tf)
+    originals = data.test.labels[dataset.indices]
+    assert set(originals.tolist()) == {1, 2}
+    image, label = dataset[0]
+    assert image.shape == (3, 32, 32) and label == label_map[originals[0]]
+
+
+@pytest.mark.parametrize("preset", ["cifar", "imagenet_r", "cub_cars", "none"])
+def test_transforms_produce_image_size(preset):
+    train, test = build_transforms(DataConfig(image_size=32, transform=preset))
+    image = Image.fromarray(np.zeros((40, 50, 3), np.uint8))
+    assert train(image).shape == (3, 32, 32) and test(image).shape == (3, 32, 32)
+
+
+def test_epoch_sampler_is_reproducible():
+    sampler = EpochShuffleSampler(10, seed=3)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    sampler.set_epoch(3)
+    other = list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) == first and sorted(first) == list(range(10)) and other != first
+    assert torch.randperm(10, generator=torch.Generator().manual_seed(3 * 10_007 + 2)).tolist() == first

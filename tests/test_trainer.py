@@ -1,0 +1,169 @@
+"""End-to-end runs of every method on the tiny set, per-group lrs, SLCA statistics, checkpoint/resume."""
+import json
+
+import pytest
+import torch
+
+from slca_kit import checkpoint as ckpt
+from slca_kit.config import config_from_dict
+from slca_kit.methods import METHODS
+from slca_kit.trainer import Trainer
+
+from conftest import tiny_recipe
+
+
+def _trainer(tiny_npz, tmp_path, method="slca", params=None, **sections):
+    recipe = tiny_recipe(tiny_npz, tmp_path, method=method, **sections)
+    recipe["method"]["params"] = params or {}
+    return Trainer(config_from_dict(recipe))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_end_to_end(tiny_npz, tmp_path, method):
+    trainer = _trainer(tiny_npz, tmp_path, method=method)
+    results = trainer.run()
+    assert results["complete"] and len(results["accuracy_matrix"]) == 3
+    assert results["totals"] == [12, 12, 12]
+    assert 0 <= results["last_acc"] <= 100
+    run_dir = tmp_path / f"tiny_{method}"
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["last_acc"] == results["last_acc"] and saved["complete"]
+    for name in ("accuracy_matrix.csv", "accuracy_matrix.png", "accuracy_curve.png", "config.yaml"):
+        assert (run_dir / name).stat().st_size > 0
+    assert set(saved["tasks"][1]["seconds"]) >= {"evaluation"}
+    assert saved["tasks"][0]["peak_memory_mib"] > 0
+
+
+def test_learns_the_first_task(tiny_npz, tmp_path):
+    results = _trainer(tiny_npz, tmp_path, method="seq_ft", train={"epochs": 4}).run()
+    assert results["accuracy_matrix"][0][0] >= 75.0  # 2 separable classes, chance is 50
+
+
+def test_slow_learner_param_groups_reach_the_optimizer(tiny_npz, tmp_path):
+    trainer = _trainer(tiny_npz, tmp_path, method="seq_ft_sl", train={"lr": 0.02})
+    trainer._add_heads_until(1)
+    ctx = trainer._context(1)
+    trainer.method.before_task(trainer.model, ctx)
+    prepared = trainer._prepare_training(ctx, epochs=1)
+    groups = {g["name"]: g for g in prepared["optimizer"].optimizer.param_groups}
+    assert groups["head"]["lr"] == pytest.approx(0.02)
+    assert groups["backbone"]["lr"] == pytest.approx(0.02 * 0.01)  # bcb_lrscale 1/100
+    head_params = {id(p) for p in groups["head"]["params"]}
+    # old head frozen and left out; only the current task's head trains
+    assert head_params == {id(p) for p in trainer.model.head.heads[1].parameters()}
+    assert len(groups["backbone"]["params"]) == len(list(trainer.model.backbone.parameters()))
+
+
+def test_linear_probe_freezes_the_backbone(tiny_npz, tmp_path):
+    trainer = _trainer(tiny_npz, tmp_path, method="linear_probe")
+    before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    trainer.run()
+    after = trainer.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_joint_trains_on_every_seen_class(tiny_npz, tmp_path):
+    trainer = _trainer(tiny_npz, tmp_path, method="joint")
+    assert trainer.method.training_classes(trainer._context(2)) == [0, 1, 2, 3, 4, 5]
+    assert trainer.method.training_classes(trainer._context(0)) == [0, 1]
+
+
+def test_slca_statistics_equal_direct_computation(tiny_npz, tmp_path):
+    """Stored mean/covariance are torch.cov of the final backbone's test-transform features, + 1e-4 I."""
+    trainer = _trainer(tiny_npz, tmp_path, train={"epochs": 1})
+    trainer.run()
+    means, covs = trainer.method.means, trainer.method.covs
+    assert means.shape == (6, 64) and covs.shape == (6, 64, 64) and means.dtype == torch.float64
+    # classes of the last task were measured with the final backbone
+    classes = trainer.scenario.task_classes(2)
+    features, labels = trainer.extract_features(classes, "train")
+    for c in classes:
+        own = features[labels == c].double()
+        assert torch.allclose(means[c], own.mean(0), atol=1e-6)
+        expected = torch.cov(own.T) + 1e-4 * torch.eye(64, dtype=torch.float64)
+        assert torch.allclose(covs[c].double(), expected, atol=1e-5)
+    assert len(trainer.method.alignment_losses) == 2  # alignment after tasks 1 and 2, not after task 0
+
+
+def test_slca_restores_stage1_heads_unless_asked(tiny_npz, tmp_path):
+    trainer = _trainer(tiny_npz, tmp_path, train={"epochs": 1})
+    trainer.run()
+    aligned = trainer.method.aligned_head.state_dict()
+    stage1 = trainer.model.head.state_dict()
+    assert not torch.equal(aligned["heads.0.weight"], stage1["heads.0.weight"])
+    keep = _trainer(tiny_npz, tmp_path / "keep", train={"epochs": 1}, params={"keep_aligned_heads": True})
+    keep.run()
+    assert torch.equal(keep.method.aligned_head.state_dict()["heads.0.weight"],
+                       keep.model.head.state_dict()["heads.0.weight"])
+
+
+class _Killed(Exception):
+    pass
+
+
+def _interrupt_after(trainer, task):
+    original = trainer._run_task
+
+    def run_task(index, start_epoch, resuming):
+        original(index, start_epoch, resuming)
+        if index == task:
+            raise _Killed
+
+    trainer._run_task = run_task
+
+
+def test_resume_after_a_task_gives_the_same_matrix(tiny_npz, tmp_path):
+    reference = _trainer(tiny_npz, tmp_path / "ref").run()
+    interrupted = _trainer(tiny_npz, tmp_path / "cut")
+    _interrupt_after(interrupted, 0)
+    with pytest.raises(_Killed):
+        interrupted.run()
+    partial = json.loads((tmp_path / "cut" / "tiny_slca" / "results.json").read_text())
+    assert not partial["complete"] and len(partial["accuracy_matrix"]) == 1
+    resumed = _trainer(tiny_npz, tmp_path / "cut").run(resume=True)
+    assert resumed["correct"] == reference["correct"]
+    assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
+
+
+def test_resume_mid_task_from_an_epoch_checkpoint(tiny_npz, tmp_path):
+    train = {"epochs": 3, "checkpoint_every_epoch": True, "keep_checkpoints": 10}
+    reference = _trainer(tiny_npz, tmp_path / "ref", train=train).run()
+    interrupted = _trainer(tiny_npz, tmp_path / "cut", train=train)
+    original = interrupted._train_epoch
+
+    def train_epoch(prepared, ctx, epoch):
+        if ctx.task == 1 and epoch == 2:
+            raise _Killed
+        original(prepared, ctx, epoch)
+
+    interrupted._train_epoch = train_epoch
+    with pytest.raises(_Killed):
+        interrupted.run()
+    latest = ckpt.latest_checkpoint(tmp_path / "cut" / "tiny_slca" / "checkpoints")
+    assert latest.name == "task_001_epoch_001"
+    resumed = _trainer(tiny_npz, tmp_path / "cut", train=train).run(resume=True)
+    assert resumed["correct"] == reference["correct"]
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tiny_npz, tmp_path):
+    _trainer(tiny_npz, tmp_path, train={"epochs": 1}).run()
+    from slca_kit.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="already holds checkpoints: pass --resume"):
+        _trainer(tiny_npz, tmp_path, train={"epochs": 1}).run()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        _trainer(tiny_npz, tmp_path / "empty", train={"epochs": 1}).run(resume=True)
+
+
+def test_old_checkpoints_are_pruned(tiny_npz, tmp_path):
+    _trainer(tiny_npz, tmp_path, train={"epochs": 1, "keep_checkpoints": 2}).run()
+    names = [p.name for p in ckpt.complete_checkpoints(tmp_path / "tiny_slca" / "checkpoints")]
+    assert names == ["task_001", "task_002"]
+
+
+def test_gradient_accumulation_matches_full_batch(tiny_npz, tmp_path):
+    """Two micro-batches of 8 accumulated = one batch of 16 (mean loss), up to float rounding."""
+    full = _trainer(tiny_npz, tmp_path / "a", method="seq_ft", train={"epochs": 1, "batch_size": 16}).run()
+    accumulated = _trainer(tiny_npz, tmp_path / "b", method="seq_ft",
+                           train={"epochs": 1, "batch_size": 16, "gradient_accumulation_steps": 2}).run()
+    assert accumulated["accuracy_matrix"][0][0] == pytest.approx(full["accuracy_matrix"][0][0], abs=10)
