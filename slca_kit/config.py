@@ -90,6 +90,7 @@ class TrainConfig:
     grad_clip: float | None = None
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
+    cpu: bool = False  # run on CPU even when a GPU is present (always on CPU when CUDA is not available)
     seed: int = 1  # reference fixes the torch seed at 1 (slca.md)
     eval_batch_size: int = 256
     checkpoint_every_epoch: bool = False

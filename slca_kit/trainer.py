@@ -27,7 +27,7 @@ from .data.task_data import EpochShuffleSampler, TaskDataset
 from .data.transforms import build_transforms
 from .errors import CheckpointError, ConfigError, SlcaKitError
 from .io import write_text_atomic
-from .methods import TaskContext, build_method
+from .methods import TaskContext, build_method, method_class
 from .metrics import AccuracyMatrix
 from .models import build_model
 from .report import write_run_outputs
@@ -86,10 +86,13 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
         train = config.train
         self.accelerator = Accelerator(
+            # cpu=True also lets torchrun start gloo DDP on CPU-only machines (accelerate needs it for MULTI_CPU).
+            cpu=train.cpu or not torch.cuda.is_available(),
             mixed_precision=train.mixed_precision,
             gradient_accumulation_steps=train.gradient_accumulation_steps,
-            # Frozen old heads and task-dependent losses leave parameters unused in some steps.
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            # Methods whose loss skips some trainable parameters in some steps say so (extra graph traversal).
+            kwargs_handlers=[DistributedDataParallelKwargs(
+                find_unused_parameters=method_class(config.method.name).ddp_find_unused_parameters)],
             log_with=train.log_with or None,
             project_dir=str(self.run_dir),
             step_scheduler_with_optimizer=False,  # schedules are per epoch

@@ -56,6 +56,8 @@ class Method:
 
     name: ClassVar[str]
     Params: ClassVar[type]
+    # True when some trainable parameters get no gradient in some steps (DDP must then look for them).
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, params: Any, config: "Config"):
         self.params = params

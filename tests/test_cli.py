@@ -1,0 +1,61 @@
+"""The command line end to end on the tiny synthetic set, in a subprocess like a user would run it."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_recipe, write_recipe
+
+
+def _slca(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "slca_kit", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_train_eval_report(tiny_npz, tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_npz, tmp_path / "runs"))
+    done = _slca("train", str(recipe), "train.epochs=1", "name=cli_run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "cli_run: Last-Acc" in done.stdout
+    run_dir = tmp_path / "runs" / "cli_run"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["config"]["train"]["epochs"] == 1  # the override reached the resolved config
+
+    evaluated = _slca("eval", str(run_dir), cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    # evaluating the final checkpoint reproduces the run's last accuracy (aligned SLCA heads included)
+    assert f"classes {results['last_acc']:.2f}%" in evaluated.stdout
+
+    reported = _slca("report", str(run_dir), "--output", str(tmp_path / "cmp"), cwd=tmp_path)
+    assert reported.returncode == 0, reported.stderr
+    assert f"| cli_run | slca | 3/3 | {results['last_acc']:.2f} |" in reported.stdout
+    assert (tmp_path / "cmp" / "comparison_curve.png").stat().st_size > 0
+
+
+def test_resume_flag_continues_a_finished_run(tiny_npz, tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_npz, tmp_path / "runs"))
+    assert _slca("train", str(recipe), "train.epochs=1", cwd=tmp_path).returncode == 0
+    again = _slca("train", str(recipe), "train.epochs=1", cwd=tmp_path)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = _slca("train", str(recipe), "train.epochs=1", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.epochs=many", "error: train.epochs: expected an integer, got 'many'"),
+    ("scenario.num_tasks=4", "error: scenario.num_tasks: 4 declared, but 6 classes"),
+    ("data.num_classes=7", "error: data.num_classes: recipe declares 7 but the data has 6"),
+    ("backbone.name=vit_nonexistent", "error: backbone.name: 'vit_nonexistent' is not a timm model"),
+])
+def test_user_errors_are_one_line(tiny_npz, tmp_path, override, expected):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_npz, tmp_path / "runs"))
+    done = _slca("train", str(recipe), override, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(expected)
+    assert "Traceback" not in done.stderr
+
+
+def test_list_names_methods_and_benchmarks(tmp_path):
+    done = _slca("list", cwd=tmp_path)
+    assert "slca" in done.stdout and "cars196" in done.stdout

@@ -1,0 +1,61 @@
+"""Two CPU processes with gloo (torchrun) against one process: class statistics reduce to the same values, no
+test sample is counted twice, and a DDP training run completes."""
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from slca_kit import checkpoint as ckpt
+
+from conftest import make_color_images, tiny_recipe, write_recipe
+
+
+@pytest.fixture(scope="module")
+def odd_npz(tmp_path_factory):
+    """7 test images per class: shards of 21 test images per task are uneven (11 + 10)."""
+    train_x, train_y = make_color_images(6, 15, seed=1)
+    test_x, test_y = make_color_images(6, 7, seed=2)
+    path = tmp_path_factory.mktemp("odd") / "odd.npz"
+    np.savez(path, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+    return path
+
+
+def _train(recipe_path, processes, *overrides, cwd):
+    if processes == 1:
+        command = [sys.executable, "-m", "slca_kit", "train"]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--standalone", "-m", "slca_kit", "train"]
+    done = subprocess.run(command + [str(recipe_path), *overrides], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _final_state(run_dir):
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    return torch.load(latest / "custom_checkpoint_0.pkl", weights_only=False)
+
+
+@pytest.mark.skipif(shutil.which("true") is None or not torch.distributed.is_gloo_available(),
+                    reason="gloo backend not available")
+def test_two_processes_match_one(odd_npz, tmp_path):
+    recipe = tiny_recipe(odd_npz, tmp_path / "runs", scenario={"increment": 3, "class_order_seed": 1993})
+    path = write_recipe(tmp_path / "odd.yaml", recipe)
+    # epochs=0: the backbone stays as built, so statistics depend only on how features are sharded and reduced
+    _train(path, 1, "name=one", "train.epochs=0", cwd=tmp_path)
+    _train(path, 2, "name=two", "train.epochs=0", cwd=tmp_path)
+    one, two = _final_state(tmp_path / "runs" / "one"), _final_state(tmp_path / "runs" / "two")
+    assert torch.allclose(one["method"]["means"], two["method"]["means"], atol=1e-9)
+    assert torch.allclose(one["method"]["covs"], two["method"]["covs"], atol=1e-6)
+    assert one["matrix"]["totals"] == two["matrix"]["totals"] == [21, 21]  # uneven shards, each sample once
+    assert one["matrix"]["correct"] == two["matrix"]["correct"]
+
+    _train(path, 2, "name=trained", "train.epochs=1", cwd=tmp_path)
+    import json
+
+    results = json.loads((tmp_path / "runs" / "trained" / "results.json").read_text())
+    assert results["complete"] and results["num_processes"] == 2 and results["totals"] == [21, 21]
