@@ -53,7 +53,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if checkpoint is None or not (checkpoint / ckpt.PROGRESS_FILE).is_file():
         raise SlcaKitError(f"{run_dir}: no complete checkpoint to evaluate")
     task = trainer.load_for_eval(checkpoint)
-    correct, totals = trainer.evaluate(trainer._context(task))
+    correct, totals = trainer.evaluate(trainer.context(task))
     if trainer.accelerator.is_main_process:
         per_task = "  ".join(f"t{j}: {100 * c / n:.2f}" for j, (c, n) in enumerate(zip(correct, totals)))
         print(f"{checkpoint.name}: accuracy on {sum(totals)} test images of {trainer.scenario.seen_classes(task)} "

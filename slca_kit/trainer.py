@@ -162,7 +162,7 @@ class Trainer:
                                                                                     device=self.accelerator.device)
         return torch.cat(features), torch.cat(labels)
 
-    def _context(self, task: int) -> TaskContext:
+    def context(self, task: int) -> TaskContext:
         return TaskContext(task=task, scenario=self.scenario, config=self.config, accelerator=self.accelerator,
                            extract_features=self.extract_features, reduce_sum=self._reduce_sum, timer=self._timer)
 
@@ -201,12 +201,13 @@ class Trainer:
         if not resuming or start_epoch == 0:
             self._seed(task)
             self._add_heads_until(task)
-        ctx = self._context(task)
+        ctx = self.context(task)
         self.method.before_task(self.model, ctx)
         epochs = self.method.train_epochs(ctx)
         bar = tqdm(total=epochs, initial=start_epoch, desc=f"task {task + 1}/{self.scenario.num_tasks}",
                    disable=not accelerator.is_local_main_process, leave=False)
-        prepared = self._prepare_training(ctx, epochs) if epochs > 0 else None
+        # With no epochs the model is still prepared: save_state checkpoints what the accelerator holds.
+        prepared = self._prepare_training(ctx, epochs) if epochs > 0 else accelerator.prepare_model(self.model)
         if resuming and start_epoch > 0:
             accelerator.load_state(str(self._resume_from))
         with self._timer("train"):
@@ -297,8 +298,6 @@ class Trainer:
         if accelerator.is_main_process:
             ckpt.staging_dir(self.checkpoint_root, name)
         accelerator.wait_for_everyone()
-        if not accelerator._models:  # nothing prepared (a method with no training epochs)
-            accelerator.prepare_model(self.model)
         accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
