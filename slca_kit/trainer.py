@@ -239,7 +239,7 @@ class Trainer:
     def _prepare_training(self, ctx: TaskContext, epochs: int) -> dict:
         accelerator = self.accelerator
         dataset = TaskDataset(self.data.train, self.label_map, self.method.training_classes(ctx),
-                              self.train_transform)
+                              self.train_transform, augment_seed=self.config.train.seed * 1_000 + ctx.task)
         sampler = EpochShuffleSampler(len(dataset), self.config.train.seed * 1_000 + ctx.task)
         loader = self._loader(dataset, self.micro_batch, sampler=sampler)
         groups = [g for g in self.method.param_groups(self.model, ctx) if g["params"]]
@@ -247,13 +247,14 @@ class Trainer:
         scheduler = build_scheduler(optimizer, self.config.train, epochs)
         model, optimizer, loader, scheduler = accelerator.prepare(self.model, optimizer, loader, scheduler)
         return {"model": model, "optimizer": optimizer, "loader": loader, "scheduler": scheduler,
-                "sampler": sampler}
+                "sampler": sampler, "dataset": dataset}
 
     def _train_epoch(self, prepared: dict, ctx: TaskContext, epoch: int) -> None:
         accelerator = self.accelerator
         model, optimizer = prepared["model"], prepared["optimizer"]
         self._seed(ctx.task, epoch + 1)
         prepared["sampler"].set_epoch(epoch)
+        prepared["dataset"].set_epoch(epoch)
         model.train()
         for step, (images, labels) in enumerate(prepared["loader"]):
             with accelerator.accumulate(model):

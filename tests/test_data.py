@@ -122,3 +122,21 @@ def test_epoch_sampler_is_reproducible():
     sampler.set_epoch(2)
     assert list(sampler) == first and sorted(first) == list(range(10)) and other != first
     assert torch.randperm(10, generator=torch.Generator().manual_seed(3 * 10_007 + 2)).tolist() == first
+
+
+def test_augmentation_is_seeded_per_image_and_epoch(tiny_npz):
+    data = load_data(DataConfig(source="arrays", path=str(tiny_npz)))
+    train_tf, _ = build_transforms(DataConfig(image_size=32, transform="cifar"))
+    label_map = np.arange(6)
+    dataset = TaskDataset(data.train, label_map, [0, 1, 2], train_tf, augment_seed=7)
+    first = dataset[5][0]
+    torch.manual_seed(123)  # the global RNG does not matter ...
+    assert torch.equal(dataset[5][0], first)
+    state = torch.get_rng_state()
+    dataset[3]
+    assert torch.equal(torch.get_rng_state(), state)  # ... and is not consumed
+    # the same image in a dataset of other classes (a joint run, another shard) gets the same augmentation
+    wider = TaskDataset(data.train, label_map, [0, 1, 2, 3, 4, 5], train_tf, augment_seed=7)
+    assert torch.equal(wider[5][0], first)
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[5][0], first)

@@ -11,21 +11,35 @@ from .sources import ImageSplit
 
 
 class TaskDataset(Dataset):
-    """Samples of ``split`` whose remapped label is in ``classes``; yields (image tensor, remapped label)."""
+    """Samples of ``split`` whose remapped label is in ``classes``; yields (image tensor, remapped label).
 
-    def __init__(self, split: ImageSplit, label_map: np.ndarray, classes: list[int], transform: Callable):
+    With ``augment_seed`` set, the random transform of each image is seeded from (seed, epoch, image index), so
+    augmentation does not depend on the number of processes, data-loader workers, or where a run was resumed."""
+
+    def __init__(self, split: ImageSplit, label_map: np.ndarray, classes: list[int], transform: Callable,
+                 augment_seed: int | None = None):
         remapped = label_map[split.labels]
         self.indices = np.flatnonzero(np.isin(remapped, classes))
         self.labels = remapped[self.indices]
         self.split = split
         self.transform = transform
+        self.augment_seed = augment_seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
-        image = self.split.image(int(self.indices[item]))
-        return self.transform(image), int(self.labels[item])
+        index = int(self.indices[item])
+        image = self.split.image(index)
+        if self.augment_seed is None:
+            return self.transform(image), int(self.labels[item])
+        with torch.random.fork_rng(devices=[]):  # leaves the global RNG (dropout, drop-path) untouched
+            torch.manual_seed(((self.augment_seed * 1_000_003 + self.epoch) * 100_003 + index) % 2**63)
+            return self.transform(image), int(self.labels[item])
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
