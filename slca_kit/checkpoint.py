@@ -2,6 +2,7 @@
 previous checkpoint as the latest one. ``progress.json`` inside says where the run stands."""
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from pathlib import Path
@@ -37,6 +38,47 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file in a checkpoint folder."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != PROGRESS_FILE}
+
+
+def verify(checkpoint: Path) -> str | None:
+    """None if every file listed in the progress file is there with its size and hash; else what is wrong."""
+    try:
+        expected = read_progress(checkpoint)["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"unreadable {PROGRESS_FILE}: {err}"
+    for name, entry in expected.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {entry['bytes']} (truncated?)"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its recorded SHA-256 (corrupted)"
+    return None
+
+
+def latest_valid_checkpoint(root: Path, warn=print) -> Path | None:
+    """The newest complete checkpoint whose files verify; damaged ones are reported and skipped."""
+    for candidate in reversed(complete_checkpoints(root)):
+        problem = verify(candidate)
+        if problem is None:
+            return candidate
+        warn(f"checkpoint {candidate} is damaged ({problem}); trying the previous one")
+    return None
+
+
 def staging_dir(root: Path, name: str) -> Path:
     path = root / f".staging_{name}"
     if path.exists():
@@ -46,8 +88,9 @@ def staging_dir(root: Path, name: str) -> Path:
 
 
 def finalize(staging: Path, final: Path, progress: dict, keep: int) -> None:
-    """Write the progress file, move the staging folder into place, then prune older checkpoints."""
-    write_json_atomic(staging / PROGRESS_FILE, progress)
+    """Write the progress file (with a manifest of sizes and hashes), move the staging folder into place, then
+    prune older checkpoints."""
+    write_json_atomic(staging / PROGRESS_FILE, {**progress, "files": manifest(staging)})
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)

@@ -49,7 +49,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         raise SlcaKitError(f"{run_dir}: no config.yaml (expected a run folder written by 'slca train')")
     config = load_config(config_path)
     trainer = Trainer(config, run_dir)
-    checkpoint = Path(ns.checkpoint) if ns.checkpoint else ckpt.latest_checkpoint(trainer.checkpoint_root)
+    checkpoint = (Path(ns.checkpoint) if ns.checkpoint
+                  else ckpt.latest_valid_checkpoint(trainer.checkpoint_root, warn=lambda m: print(m, file=sys.stderr)))
     if checkpoint is None or not (checkpoint / ckpt.PROGRESS_FILE).is_file():
         raise SlcaKitError(f"{run_dir}: no complete checkpoint to evaluate")
     task = trainer.load_for_eval(checkpoint)

@@ -48,6 +48,9 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 0
     max_train_per_class: int | None = None  # subsample for quick runs; None keeps everything
+    # Unreadable image files: "fail" stops with the file's path when it is first read; "skip" decodes every image
+    # once at start, leaves the unreadable ones out and counts them in results.json.
+    bad_images: str = "fail"
 
 
 @dataclass
@@ -123,6 +126,7 @@ CHOICES = {
     "data.source": ("digits", "arrays", "imagefolder", "hub"),
     "data.transform": ("cifar", "imagenet_r", "cub_cars", "none"),
     "scenario.remainder": ("separate", "merge"),
+    "data.bad_images": ("fail", "skip"),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.scheduler": ("multistep", "cosine", "constant"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
@@ -322,6 +326,7 @@ def validate_config(cfg: Config) -> None:
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key)
     _check_positive(cfg.train.lr, "train.lr")
+    _check_positive(cfg.train.keep_checkpoints, "train.keep_checkpoints")
     _check_positive(cfg.scenario.init_classes, "scenario.init_classes")
     _check_positive(cfg.scenario.num_tasks, "scenario.num_tasks")
     if cfg.data.test_fraction is not None and not 0 < cfg.data.test_fraction < 1:

@@ -15,3 +15,13 @@ class DataError(SlcaKitError):
 
 class CheckpointError(SlcaKitError):
     """A checkpoint or weights file is missing, incomplete or does not match the model."""
+
+
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded; ``source`` is its path (or split[index])."""
+
+    def __init__(self, split: str, source: str, reason: str):
+        super().__init__(f"{split}: cannot decode image {source}: {reason} "
+                         "(data.bad_images: skip leaves unreadable images out)")
+        self.source = source
+        self.reason = reason

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -105,6 +106,9 @@ class Trainer:
         if train.deterministic and self.accelerator.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.data = load_data(config.data)
+        if self.data.skipped:
+            logger.warning(f"data.bad_images=skip: left out {len(self.data.skipped)} unreadable images, first "
+                           f"{[entry['file'] for entry in self.data.skipped[:3]]}", main_process_only=True)
         self.scenario = build_scenario(config.scenario, self.data.num_classes)
         self.label_map = self.scenario.label_map()
         self.train_transform, self.test_transform = build_transforms(config.data)
@@ -114,6 +118,7 @@ class Trainer:
         self.state = RunState(self.method)
         self.accelerator.register_for_checkpointing(self.state)
         self._timings: dict[str, float] = {}
+        self._task = 0
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -126,6 +131,7 @@ class Trainer:
 
     @contextlib.contextmanager
     def _timer(self, section: str):
+        logger.info(f"task {self._task + 1}: {section}", main_process_only=True)
         start = time.perf_counter()
         try:
             yield
@@ -198,6 +204,7 @@ class Trainer:
     def _run_task(self, task: int, start_epoch: int, resuming: bool) -> None:
         accelerator = self.accelerator
         self._timings = {}
+        self._task = task
         if not resuming or start_epoch == 0:
             self._seed(task)
             self._add_heads_until(task)
@@ -295,28 +302,35 @@ class Trainer:
         """``accelerator.save_state`` into a staging folder, renamed into place once complete."""
         accelerator = self.accelerator
         name = ckpt.checkpoint_name(task, epoch)
+        logger.info(f"task {task + 1}: saving checkpoint {name}", main_process_only=True)
         staging = self.checkpoint_root / f".staging_{name}"
-        if accelerator.is_main_process:
-            ckpt.staging_dir(self.checkpoint_root, name)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            progress = {"task": task, "epoch": epoch, "head_sizes": self.model.head.task_sizes}
-            ckpt.finalize(staging, self.checkpoint_root / name, progress, self.config.train.keep_checkpoints)
+        try:
+            if accelerator.is_main_process:
+                ckpt.staging_dir(self.checkpoint_root, name)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(staging))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                progress = {"task": task, "epoch": epoch, "head_sizes": self.model.head.task_sizes}
+                ckpt.finalize(staging, self.checkpoint_root / name, progress, self.config.train.keep_checkpoints)
+        except OSError as err:  # out of disk, permissions, ...
+            shutil.rmtree(staging, ignore_errors=True)
+            previous = ckpt.latest_checkpoint(self.checkpoint_root)
+            raise CheckpointError(f"could not write checkpoint {name} under {self.checkpoint_root}: {err}; "
+                                  f"the previous checkpoint is intact: {previous or 'none yet'}") from None
         accelerator.wait_for_everyone()
 
     def _prepare_resume(self) -> tuple[int, int]:
         """Rebuild heads up to the checkpoint, load it, and return the (task, epoch) to continue from."""
-        latest = ckpt.latest_checkpoint(self.checkpoint_root)
+        latest = ckpt.latest_valid_checkpoint(self.checkpoint_root, warn=logger.warning)
         if latest is None:
-            raise CheckpointError(f"--resume: no complete checkpoint under {self.checkpoint_root}")
+            raise CheckpointError(f"--resume: no complete, undamaged checkpoint under {self.checkpoint_root}")
         progress = ckpt.read_progress(latest)
         task, epoch = progress["task"], progress["epoch"]
-        self._add_heads_until(task)
-        if self.model.head.task_sizes != progress["head_sizes"]:
+        if progress["head_sizes"] != list(self.scenario.task_sizes[:task + 1]):
             raise CheckpointError(f"{latest}: head sizes {progress['head_sizes']} do not match this recipe's "
-                                  f"tasks {self.model.head.task_sizes}")
+                                  f"tasks {list(self.scenario.task_sizes)}")
+        self._add_heads_until(task)
         self._resume_from = latest
         logger.info(f"resuming from {latest}", main_process_only=True)
         if epoch is None:
@@ -349,6 +363,7 @@ class Trainer:
             "num_processes": self.accelerator.num_processes,
             "task_sizes": list(self.scenario.task_sizes),
             "class_order": list(self.scenario.class_order),
+            "skipped_images": {"count": len(self.data.skipped), "first": self.data.skipped[:20]},
             **matrix.summary(),
             "tasks": self.state.task_records,
             "config": self.config.to_dict(),

@@ -184,3 +184,12 @@ def test_bf16_mixed_precision_runs_and_keeps_statistics_in_full_precision(tiny_n
     assert bf16["complete"] and trainer.method.covs.dtype == torch.float32
     # same data, same seeds; bf16 rounding may flip a few of the 36 test predictions
     assert abs(bf16["last_acc"] - fp32["last_acc"]) <= 20
+
+
+def test_same_seed_and_config_give_the_same_run(tiny_npz, tmp_path):
+    first = _trainer(tiny_npz, tmp_path / "a", data={"transform": "cifar"})
+    second = _trainer(tiny_npz, tmp_path / "b", data={"transform": "cifar"})
+    assert first.run()["correct"] == second.run()["correct"]
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[name]), name
+    assert torch.equal(first.method.covs, second.method.covs)

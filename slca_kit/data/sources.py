@@ -6,8 +6,9 @@ time, so large Hub datasets are never materialised in memory.
 from __future__ import annotations
 
 import abc
+import io
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import DataError, UnreadableImage
 
 
 class ImageSplit(abc.ABC):
@@ -49,9 +50,12 @@ class ArraySplit(ImageSplit):
 
 
 class HubSplit(ImageSplit):
-    """A ``datasets.Dataset`` with an image column and an integer label column, decoded lazily."""
+    """A ``datasets.Dataset`` with an image column and an integer label column, decoded lazily here (not by
+    ``datasets``) so that an unreadable file is reported with its path."""
 
     def __init__(self, dataset: Any, image_column: str, label_column: str, name: str):
+        from datasets import Image as ImageFeature
+
         for column in (image_column, label_column):
             if column not in dataset.column_names:
                 raise DataError(
@@ -59,11 +63,21 @@ class HubSplit(ImageSplit):
                     "(set data.image_column / data.label_column)"
                 )
         super().__init__(np.asarray(dataset[label_column]), name)
+        if isinstance(dataset.features[image_column], ImageFeature):
+            dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
         self.dataset = dataset
         self.image_column = image_column
 
     def image(self, index: int) -> Image.Image:
-        return self.dataset[int(index)][self.image_column].convert("RGB")
+        value = self.dataset[int(index)][self.image_column]
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        source = value.get("path") or f"{self.name}[{index}]"
+        try:
+            opened = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+            return opened.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise UnreadableImage(self.name, source, str(err)) from None
 
 
 class SubsetSplit(ImageSplit):
@@ -83,6 +97,7 @@ class LoadedData:
     train: ImageSplit
     test: ImageSplit
     class_names: list[str]
+    skipped: list[dict] = field(default_factory=list)  # unreadable images left out (data.bad_images: skip)
 
     @property
     def num_classes(self) -> int:
@@ -199,9 +214,27 @@ def _subsample(split: ImageSplit, per_class: int, seed: int) -> ImageSplit:
     return SubsetSplit(split, np.sort(np.concatenate(keep)), split.name)
 
 
+def drop_unreadable(split: ImageSplit) -> tuple[ImageSplit, list[dict]]:
+    """Decode every image once; return the split without the unreadable ones, and those as {file, error}."""
+    keep, bad = [], []
+    for index in range(len(split)):
+        try:
+            split.image(index)
+            keep.append(index)
+        except UnreadableImage as err:
+            bad.append({"file": err.source, "error": err.reason})
+    if not bad:
+        return split, []
+    return SubsetSplit(split, np.asarray(keep, dtype=np.int64), split.name), bad
+
+
 def load_data(cfg: DataConfig) -> LoadedData:
     """Load train/test splits and check labels against ``data.num_classes``."""
     data = LOADERS[cfg.source](cfg)
+    if cfg.bad_images == "skip" and cfg.source != "arrays":  # arrays are always decodable
+        data.train, bad_train = drop_unreadable(data.train)
+        data.test, bad_test = drop_unreadable(data.test)
+        data.skipped = bad_train + bad_test
     for split in (data.train, data.test):
         if len(split) == 0:
             raise DataError(f"{split.name}: the split is empty")
