@@ -79,6 +79,23 @@ class BackboneConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """A peft adapter on the backbone. Keys not listed here are options of the peft config class (e.g. ``r``,
+    ``lora_alpha``, ``lora_dropout`` for LoRA) and may be written inline in the recipe's ``adapter:`` block."""
+
+    type: str | None = None  # lora | dora | ia3 | loha | lokr | oft | boft | hra; None: no adapter
+    # A string is a regex matched against full module names (peft: re.fullmatch); it never hits
+    # patch_embed.proj unless asked (libraries.md: a plain "proj" target would also adapt the Conv2d).
+    target_modules: str | list[str] = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+    # Backbone parameters that train besides the adapter: names containing any of these (e.g. norm, bias,
+    # cls_token); empty: only the adapter (and the heads) train.
+    train_backbone: list[str] = field(default_factory=list)
+    lr_scale: float = 1.0  # adapter lr = train.lr * lr_scale
+    custom_modules: dict[str, str] = field(default_factory=dict)  # "torch.nn.Linear": "my_pkg.MyLoraLayer"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 20  # CIFAR 20, IN-R/CUB/Cars 50, MoCo v3 90 (slca.md, Stage 1)
     batch_size: int = 128  # slca.md, Stage 1
@@ -117,6 +134,7 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -292,6 +310,11 @@ def config_from_dict(data: dict) -> Config:
             data[section][key] = expand_env(value)
     if isinstance(data.get("output_dir"), str):
         data["output_dir"] = expand_env(data["output_dir"])
+    if isinstance(data.get("adapter"), dict):  # inline peft options move under adapter.options
+        known = {f.name for f in dataclasses.fields(AdapterConfig)}
+        adapter = {k: v for k, v in data["adapter"].items() if k in known}
+        extra = {k: v for k, v in data["adapter"].items() if k not in known}
+        data["adapter"] = {**adapter, "options": {**adapter.get("options", {}), **extra}}
     cfg = build_dataclass(Config, data, "")
     validate_config(cfg)
     cfg.method.params = validate_method_params(cfg.method.name, cfg.method.params)

@@ -18,6 +18,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -31,9 +32,11 @@ from .io import write_text_atomic
 from .methods import TaskContext, build_method, method_class
 from .metrics import AccuracyMatrix
 from .models import build_model
+from .models.adapters import adapter_state_dict
 from .report import write_run_outputs
 
 logger = get_logger("slca_kit")
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 class TrainingDiverged(SlcaKitError):
@@ -113,7 +116,7 @@ class Trainer:
         self.label_map = self.scenario.label_map()
         self.train_transform, self.test_transform = build_transforms(config.data)
         set_seed(train.seed)
-        self.model = build_model(config.backbone).to(self.accelerator.device)
+        self.model = build_model(config.backbone, config.adapter).to(self.accelerator.device)
         self.method = build_method(config)
         self.state = RunState(self.method)
         self.accelerator.register_for_checkpointing(self.state)
@@ -310,6 +313,9 @@ class Trainer:
             accelerator.wait_for_everyone()
             accelerator.save_state(str(staging))
             accelerator.wait_for_everyone()
+            if accelerator.is_main_process and self.model.adapter_parameter_names:
+                # The adapter alone too, in peft's format, for use outside slca_kit.
+                save_file(adapter_state_dict(self.model.backbone), str(staging / ADAPTER_FILE))
             if accelerator.is_main_process:
                 progress = {"task": task, "epoch": epoch, "head_sizes": self.model.head.task_sizes}
                 ckpt.finalize(staging, self.checkpoint_root / name, progress, self.config.train.keep_checkpoints)

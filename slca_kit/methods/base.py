@@ -77,14 +77,19 @@ class Method:
             head.requires_grad_(index == ctx.task)
 
     def param_groups(self, model: "ContinualModel", ctx: TaskContext) -> list[dict]:
-        """Optimizer parameter groups, each with its own ``lr``; frozen parameters are left out."""
+        """Optimizer parameter groups, each with its own ``lr``: head at train.lr, backbone at
+        train.lr * backbone_lr_scale, a peft adapter at train.lr * adapter.lr_scale; frozen parameters left out."""
         lr = self.config.train.lr
         head = [p for p in model.head.parameters() if p.requires_grad]
-        backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+        trainable = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
+        adapter = [p for n, p in trainable if n in model.adapter_parameter_names]
+        backbone = [p for n, p in trainable if n not in model.adapter_parameter_names]
         scale = getattr(self.params, "backbone_lr_scale", 1.0)
         groups = [{"name": "head", "params": head, "lr": lr}]
         if backbone and scale > 0:
             groups.append({"name": "backbone", "params": backbone, "lr": lr * scale})
+        if adapter:
+            groups.append({"name": "adapter", "params": adapter, "lr": lr * self.config.adapter.lr_scale})
         return groups
 
     def training_loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,

@@ -4,16 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import BackboneConfig
+from ..config import AdapterConfig, BackboneConfig
+from .adapters import attach_adapter
 from .backbone import create_backbone
 from .heads import IncrementalHead
 
 
 class ContinualModel(nn.Module):
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, adapter_parameter_names: set[str] | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = IncrementalHead(backbone.num_features)
+        self.adapter_parameter_names = adapter_parameter_names or set()  # names within ``backbone``
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pre-logits feature (CLS token after the final norm for timm ViTs built with num_classes=0)."""
@@ -23,5 +25,7 @@ class ContinualModel(nn.Module):
         return self.head(self.features(images))
 
 
-def build_model(cfg: BackboneConfig) -> ContinualModel:
-    return ContinualModel(create_backbone(cfg))
+def build_model(cfg: BackboneConfig, adapter: AdapterConfig | None = None) -> ContinualModel:
+    backbone = create_backbone(cfg)
+    names = attach_adapter(backbone, adapter) if adapter is not None and adapter.type else set()
+    return ContinualModel(backbone, names)
