@@ -90,6 +90,14 @@ def shrink_factors(class_task_ids: torch.Tensor, current_task: int) -> torch.Ten
     return 0.9 + 0.1 * (class_task_ids.to(torch.float64) + 1) / (current_task + 1)
 
 
+def age_divisors(task_ids: torch.Tensor, current_task: int, settings: "AlignmentSettings",
+                 generator: torch.Generator) -> torch.Tensor:
+    """SLCA++ (slca.md): 1 + s (T - t) per sample, s = age_scale + U(-jitter, jitter)."""
+    noise = torch.rand(task_ids.shape[0], generator=generator, device=task_ids.device) * 2 - 1
+    s = settings.age_scale + settings.age_scale_jitter * noise
+    return 1 + s * (current_task - task_ids).to(s.dtype)
+
+
 @dataclass
 class AlignmentSettings:
     epochs: int
@@ -100,6 +108,9 @@ class AlignmentSettings:
     batch_size: int
     tau: float | None
     mean_shrink: bool
+    # SLCA++: each sample of task t is divided by 1 + s (T - t), s = age_scale + U(-jitter, jitter) per sample.
+    age_scale: float | None = None
+    age_scale_jitter: float = 0.0
 
 
 def align_classifier(head: nn.Module, means: torch.Tensor, chol: torch.Tensor, class_task_ids: torch.Tensor,
@@ -120,6 +131,8 @@ def align_classifier(head: nn.Module, means: torch.Tensor, chol: torch.Tensor, c
     epoch_losses = []
     for _ in range(settings.epochs):
         inputs, targets = sample_gaussians(shifted, chol, settings.samples_per_class, generator)
+        if settings.age_scale is not None:
+            inputs = inputs / age_divisors(class_task_ids[targets], current_task, settings, generator)[:, None]
         order = torch.randperm(inputs.shape[0], generator=generator, device=inputs.device)
         inputs, targets = inputs[order], targets[order]
         losses = []

@@ -18,9 +18,12 @@ def _trainer(tiny_npz, tmp_path, method="slca", params=None, **sections):
     return Trainer(config_from_dict(recipe))
 
 
+NEEDS = {"slca_pp": {"adapter": {"type": "lora", "r": 4, "lora_alpha": 3.2, "train_backbone": ["norm", "bias"]}}}
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_end_to_end(tiny_npz, tmp_path, method):
-    trainer = _trainer(tiny_npz, tmp_path, method=method)
+    trainer = _trainer(tiny_npz, tmp_path, method=method, **NEEDS.get(method, {}))
     results = trainer.run()
     assert results["complete"] and len(results["accuracy_matrix"]) == 3
     assert results["totals"] == [12, 12, 12]

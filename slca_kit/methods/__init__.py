@@ -10,8 +10,9 @@ from .joint import Joint
 from .linear_probe import LinearProbe
 from .seq_ft import SeqFT, SeqFTSlowLearner
 from .slca import SLCA
+from .slca_pp import SLCAPlusPlus
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SeqFT, SeqFTSlowLearner, SLCA, Joint, LinearProbe)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -79,18 +79,21 @@ class SLCA(Method):
         generator = torch.Generator(device=device).manual_seed(self.config.train.seed * 1_000 + ctx.task)
         seen = ctx.seen_classes
         task_ids = torch.as_tensor(ctx.scenario.class_task_ids()[:seen], device=device)
-        settings = AlignmentSettings(
-            epochs=params.ca_epochs, lr=params.ca_lr, momentum=params.ca_momentum,
-            weight_decay=params.ca_weight_decay, samples_per_class=params.samples_per_class,
-            batch_size=params.ca_batch_size, tau=params.logit_norm_tau, mean_shrink=params.mean_shrink,
-        )
         losses = align_classifier(head, self.means.to(device), chol, task_ids, ctx.task,
-                                  list(ctx.scenario.task_sizes[:ctx.task + 1]), settings, generator)
+                                  list(ctx.scenario.task_sizes[:ctx.task + 1]), self.alignment_settings(), generator)
         self.alignment_losses.append(losses)
         head.eval().requires_grad_(False)
         self.aligned_head = head
         if params.keep_aligned_heads:
             model.head.load_state_dict(head.state_dict())
+
+    def alignment_settings(self) -> AlignmentSettings:
+        params = self.params
+        return AlignmentSettings(
+            epochs=params.ca_epochs, lr=params.ca_lr, momentum=params.ca_momentum,
+            weight_decay=params.ca_weight_decay, samples_per_class=params.samples_per_class,
+            batch_size=params.ca_batch_size, tau=params.logit_norm_tau, mean_shrink=params.mean_shrink,
+        )
 
     def predict(self, model, images: torch.Tensor, ctx: TaskContext) -> torch.Tensor:
         """Aligned heads with RAW logits at test time (no normalization), as in the reference."""
