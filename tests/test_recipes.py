@@ -19,17 +19,22 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("MOCOV3_WEIGHTS", str(fake))
     cfg = load_config(recipe)
     assert cfg.method.name == recipe.stem.replace("_mocov3", "")
+    if cfg.method.name == "slca_pp":
+        assert cfg.adapter.type == "lora" and cfg.adapter.options["r"] == 4 and cfg.adapter.options["lora_alpha"] == 3.2
+        hard = recipe.parent.name in ("imagenet_r", "cars196")
+        assert (cfg.method.params.ce_weight, cfg.method.params.rce_weight) == ((0.5, 0.5) if hard else (1.0, 0.1))
+        assert cfg.train.weight_decay == (0.0 if hard else 5e-4) and cfg.train.eta_min == pytest.approx(1e-4)
     assert cfg.data.benchmark == recipe.parent.name
     if "mocov3" in recipe.stem:
         assert cfg.backbone.weights_key == "model" and cfg.train.epochs == 90 and cfg.train.milestones == [80]
     else:
         assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k" and cfg.backbone.pretrained
         assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
-    if cfg.method.name == "slca":
+    if cfg.method.name in ("slca", "slca_pp"):
         assert cfg.method.params.logit_norm_tau == (0.05 if recipe.parent.name == "cars196" else 0.1)
 
 
-@pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "joint", "linear_probe"])
+@pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "joint", "linear_probe"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))
