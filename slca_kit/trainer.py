@@ -202,7 +202,9 @@ class Trainer:
 
     def _add_heads_until(self, task: int) -> None:
         while len(self.model.head.heads) <= task:
-            self.model.head.add_task(self.scenario.task_sizes[len(self.model.head.heads)]).to(self.accelerator.device)
+            index = len(self.model.head.heads)
+            self.model.head.add_task(self.scenario.task_sizes[index]).to(self.accelerator.device)
+            self.method.grow(self.model, index)
 
     def _run_task(self, task: int, start_epoch: int, resuming: bool) -> None:
         accelerator = self.accelerator

@@ -30,11 +30,15 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     else:
         assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k" and cfg.backbone.pretrained
         assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
+    if cfg.method.name == "inflora":
+        assert cfg.train.optimizer == "adam" and cfg.train.lr == 5e-4 and cfg.train.scheduler == "cosine"
+        assert cfg.method.params.rank == 10 and cfg.method.params.lamb == (0.95 if recipe.parent.name == "cifar100"
+                                                                          else 0.98)
     if cfg.method.name in ("slca", "slca_pp"):
         assert cfg.method.params.logit_norm_tau == (0.05 if recipe.parent.name == "cars196" else 0.1)
 
 
-@pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "joint", "linear_probe"])
+@pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "inflora", "joint", "linear_probe"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))

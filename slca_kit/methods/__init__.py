@@ -6,13 +6,14 @@ import dataclasses
 from ..config import build_dataclass
 from ..errors import ConfigError
 from .base import Method, TaskContext
+from .inflora import InfLoRA
 from .joint import Joint
 from .linear_probe import LinearProbe
 from .seq_ft import SeqFT, SeqFTSlowLearner
 from .slca import SLCA
 from .slca_pp import SLCAPlusPlus
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

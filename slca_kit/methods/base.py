@@ -71,6 +71,10 @@ class Method:
         return self.config.train.epochs
 
     # -- hooks ------------------------------------------------------------------------------------
+    def grow(self, model: "ContinualModel", task: int) -> None:
+        """Add task ``task``'s own modules (after its head was added). Also called when a checkpoint is restored,
+        so that the model has the checkpoint's structure before its weights are loaded."""
+
     def before_task(self, model: "ContinualModel", ctx: TaskContext) -> None:
         """Called after the trainer added this task's head. Default: freeze earlier tasks' heads (reference)."""
         for index, head in enumerate(model.head.heads):
