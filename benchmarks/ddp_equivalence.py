@@ -41,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/ddp_check")
     parser.add_argument("--skip-full", action="store_true", help="only the statistics check")
+    parser.add_argument("--reference", help="a finished single-process run of recipes/proxy/slca.yaml to reuse")
     args = parser.parse_args()
     output = Path(args.output)
     one = train(1, output, "stats_1proc", "train.epochs=0")
@@ -53,7 +54,8 @@ def main() -> None:
           f"2 procs {two['last_acc']:.2f}")
     if args.skip_full:
         return
-    full_one = train(1, output, "slca_1proc")
+    full_one = (json.loads((Path(args.reference) / "results.json").read_text()) if args.reference
+                else train(1, output, "slca_1proc"))
     full_two = train(2, output, "slca_2proc")
     gap = full_two["last_acc"] - full_one["last_acc"]
     print(f"full SLCA run: Last-Acc 1 proc {full_one['last_acc']:.2f}, 2 procs {full_two['last_acc']:.2f} "
