@@ -122,6 +122,7 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.state)
         self._timings: dict[str, float] = {}
         self._task = 0
+        self._resume_from: Path | None = None  # the checkpoint a resumed run continues from
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
