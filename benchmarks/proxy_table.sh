@@ -3,7 +3,7 @@
 # CPU, 2 cores: about 4 minutes per method, joint about 15. Usage: bash benchmarks/proxy_table.sh [OUTPUT_DIR]
 set -euo pipefail
 out=${1:-runs/proxy}
-methods=(seq_ft seq_ft_sl slca slca_pp inflora joint linear_probe)
+methods=(seq_ft seq_ft_sl slca slca_pp inflora l2p dualprompt coda_prompt joint linear_probe)
 for method in "${methods[@]}"; do
   if [ ! -f "$out/$method/results.json" ] || ! grep -q '"complete": true' "$out/$method/results.json"; then
     resume=""

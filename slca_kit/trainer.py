@@ -205,7 +205,7 @@ class Trainer:
         while len(self.model.head.heads) <= task:
             index = len(self.model.head.heads)
             self.model.head.add_task(self.scenario.task_sizes[index]).to(self.accelerator.device)
-            self.method.grow(self.model, index)
+            self.method.grow(self.model, self.context(index))
 
     def _run_task(self, task: int, start_epoch: int, resuming: bool) -> None:
         accelerator = self.accelerator

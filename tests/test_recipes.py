@@ -29,7 +29,12 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
         assert cfg.backbone.weights_key == "model" and cfg.train.epochs == 90 and cfg.train.milestones == [80]
     else:
         assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k" and cfg.backbone.pretrained
-        assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
+        if cfg.method.name not in ("l2p", "dualprompt"):  # their own epochs
+            assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
+    if cfg.method.name in ("l2p", "dualprompt", "coda_prompt"):
+        assert cfg.backbone.replace_final_norm is False and cfg.train.optimizer == "adam"
+    if cfg.method.name == "dualprompt":
+        assert cfg.method.params.e_length == (5 if recipe.parent.name == "cifar100" else 20)
     if cfg.method.name == "inflora":
         assert cfg.train.optimizer == "adam" and cfg.train.lr == 5e-4 and cfg.train.scheduler == "cosine"
         assert cfg.method.params.rank == 10 and cfg.method.params.lamb == (0.95 if recipe.parent.name == "cifar100"
@@ -38,7 +43,8 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
         assert cfg.method.params.logit_norm_tau == (0.05 if recipe.parent.name == "cars196" else 0.1)
 
 
-@pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "inflora", "joint", "linear_probe"])
+@pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "inflora", "l2p",
+                                    "dualprompt", "coda_prompt", "joint", "linear_probe"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))

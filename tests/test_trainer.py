@@ -18,12 +18,15 @@ def _trainer(tiny_npz, tmp_path, method="slca", params=None, **sections):
     return Trainer(config_from_dict(recipe))
 
 
+# what some methods need on the tiny 2-block, 64-d ViT
 NEEDS = {"slca_pp": {"adapter": {"type": "lora", "r": 4, "lora_alpha": 3.2, "train_backbone": ["norm", "bias"]}}}
+TINY_PARAMS = {"dualprompt": {"g_layers": [0], "e_layers": [1], "e_pool_size": 3},
+               "coda_prompt": {"pool_size": 6, "length": 4, "layers": [0, 1]}}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_end_to_end(tiny_npz, tmp_path, method):
-    trainer = _trainer(tiny_npz, tmp_path, method=method, **NEEDS.get(method, {}))
+    trainer = _trainer(tiny_npz, tmp_path, method=method, params=TINY_PARAMS.get(method), **NEEDS.get(method, {}))
     results = trainer.run()
     assert results["complete"] and len(results["accuracy_matrix"]) == 3
     assert results["totals"] == [12, 12, 12]

@@ -6,14 +6,18 @@ import dataclasses
 from ..config import build_dataclass
 from ..errors import ConfigError
 from .base import Method, TaskContext
+from .coda_prompt import CodaPrompt
+from .dualprompt import DualPrompt
 from .inflora import InfLoRA
+from .l2p import L2P
 from .joint import Joint
 from .linear_probe import LinearProbe
 from .seq_ft import SeqFT, SeqFTSlowLearner
 from .slca import SLCA
 from .slca_pp import SLCAPlusPlus
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA,
+                                                    L2P, DualPrompt, CodaPrompt)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -71,9 +71,9 @@ class Method:
         return self.config.train.epochs
 
     # -- hooks ------------------------------------------------------------------------------------
-    def grow(self, model: "ContinualModel", task: int) -> None:
-        """Add task ``task``'s own modules (after its head was added). Also called when a checkpoint is restored,
-        so that the model has the checkpoint's structure before its weights are loaded."""
+    def grow(self, model: "ContinualModel", ctx: TaskContext) -> None:
+        """Add task ``ctx.task``'s own modules (after its head was added). Also called when a checkpoint is
+        restored, so that the model has the checkpoint's structure before its weights are loaded."""
 
     def before_task(self, model: "ContinualModel", ctx: TaskContext) -> None:
         """Called after the trainer added this task's head. Default: freeze earlier tasks' heads (reference)."""
@@ -82,7 +82,8 @@ class Method:
 
     def param_groups(self, model: "ContinualModel", ctx: TaskContext) -> list[dict]:
         """Optimizer parameter groups, each with its own ``lr``: head at train.lr, backbone at
-        train.lr * backbone_lr_scale, a peft adapter at train.lr * adapter.lr_scale; frozen parameters left out."""
+        train.lr * backbone_lr_scale, a peft adapter at train.lr * adapter.lr_scale, modules the method attached to
+        the model (prompts) at train.lr; frozen parameters left out."""
         lr = self.config.train.lr
         head = [p for p in model.head.parameters() if p.requires_grad]
         trainable = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
@@ -94,6 +95,11 @@ class Method:
             groups.append({"name": "backbone", "params": backbone, "lr": lr * scale})
         if adapter:
             groups.append({"name": "adapter", "params": adapter, "lr": lr * self.config.adapter.lr_scale})
+        # Modules a method attached to the model itself (prompt pools, keys, ...) train at train.lr.
+        attached = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("backbone.",
+                                                                                                     "head."))]
+        if attached:
+            groups.append({"name": "method", "params": attached, "lr": lr})
         return groups
 
     def training_loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,

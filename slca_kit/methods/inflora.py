@@ -124,7 +124,7 @@ class InfLoRA(Method):
     def _layers(model) -> list[InfLoRAQKV]:
         return [block.attn.qkv for block in model.backbone.blocks]
 
-    def grow(self, model, task: int) -> None:
+    def grow(self, model, ctx: TaskContext) -> None:
         for block in model.backbone.blocks:
             if not isinstance(block.attn.qkv, InfLoRAQKV):
                 block.attn.qkv = InfLoRAQKV(block.attn.qkv)

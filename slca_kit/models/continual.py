@@ -1,6 +1,8 @@
 """The trained model: an unmodified timm backbone plus the incremental head."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -16,9 +18,14 @@ class ContinualModel(nn.Module):
         self.backbone = backbone
         self.head = IncrementalHead(backbone.num_features)
         self.adapter_parameter_names = adapter_parameter_names or set()  # names within ``backbone``
+        # A method may replace how features are computed (prompts), keeping forward() as the one entry point that
+        # DDP wraps: set by the method, called as feature_fn(images).
+        self.feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pre-logits feature (CLS token after the final norm for timm ViTs built with num_classes=0)."""
+        if self.feature_fn is not None:
+            return self.feature_fn(images)
         return self.backbone(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
