@@ -69,3 +69,19 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found: ../shared (or $SLCA_SHARED) is absent on this machine")
     return path
+
+
+class Interrupted(Exception):
+    """Stands for a crash between two tasks in tests that resume afterwards."""
+
+
+def interrupt_after(trainer, task: int) -> None:
+    """Make ``trainer.run()`` raise Interrupted right after task ``task`` finished (checkpoint written)."""
+    original = trainer._run_task
+
+    def run_task(index, start_epoch, resuming):
+        original(index, start_epoch, resuming)
+        if index == task:
+            raise Interrupted
+
+    trainer._run_task = run_task

@@ -19,7 +19,7 @@ from slca_kit.config import apply_overrides, config_from_dict, load_config, load
 from slca_kit.errors import CheckpointError, ConfigError, DataError, SlcaKitError
 from slca_kit.trainer import Trainer, TrainingDiverged
 
-from conftest import TINY_VIT, make_color_images, tiny_recipe, write_recipe
+from conftest import TINY_VIT, Interrupted, interrupt_after, make_color_images, tiny_recipe, write_recipe
 
 
 def _set(recipe: dict, dotted: str, value) -> dict:
@@ -241,15 +241,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_npz, tmp_path
     reference = Trainer(config_from_dict(tiny_recipe(tiny_npz, tmp_path / "ref", train={"epochs": 1}))).run()
     recipe = tiny_recipe(tiny_npz, tmp_path / "cut", train={"epochs": 1})
     trainer = Trainer(config_from_dict(recipe))
-    original = trainer._run_task
-
-    def stop_after_task_1(task, start_epoch, resuming):
-        original(task, start_epoch, resuming)
-        if task == 1:
-            raise KeyboardInterrupt
-
-    trainer._run_task = stop_after_task_1
-    with pytest.raises(KeyboardInterrupt):
+    interrupt_after(trainer, 1)
+    with pytest.raises(Interrupted):
         trainer.run()
     root = tmp_path / "cut" / "tiny_slca" / "checkpoints"
     weights = root / "task_001" / "model.safetensors"

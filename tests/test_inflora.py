@@ -7,7 +7,7 @@ from slca_kit.config import config_from_dict
 from slca_kit.methods.inflora import DualGPM, InfLoRAQKV, design_down_projection
 from slca_kit.trainer import Trainer
 
-from conftest import tiny_recipe
+from conftest import Interrupted, interrupt_after, tiny_recipe
 
 
 def _covariance(dim, seed, rank=None):
@@ -91,15 +91,8 @@ def test_resume_rebuilds_the_branches(tiny_npz, tmp_path):
     reference = Trainer(config_from_dict(tiny_recipe(tiny_npz, tmp_path / "ref", method="inflora",
                                                      train={"epochs": 1}) | {"method": recipe["method"]})).run()
     trainer = Trainer(config_from_dict(recipe))
-    original = trainer._run_task
-
-    def stop_after_first(task, start_epoch, resuming):
-        original(task, start_epoch, resuming)
-        if task == 0:
-            raise KeyboardInterrupt
-
-    trainer._run_task = stop_after_first
-    with pytest.raises(KeyboardInterrupt):
+    interrupt_after(trainer, 0)
+    with pytest.raises(Interrupted):
         trainer.run()
     resumed = Trainer(config_from_dict(recipe)).run(resume=True)
     assert resumed["correct"] == reference["correct"]

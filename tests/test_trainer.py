@@ -9,7 +9,7 @@ from slca_kit.config import config_from_dict
 from slca_kit.methods import METHODS
 from slca_kit.trainer import Trainer
 
-from conftest import tiny_recipe
+from conftest import Interrupted, interrupt_after, tiny_recipe
 
 
 def _trainer(tiny_npz, tmp_path, method="slca", params=None, **sections):
@@ -103,26 +103,11 @@ def test_slca_restores_stage1_heads_unless_asked(tiny_npz, tmp_path):
                        keep.model.head.state_dict()["heads.0.weight"])
 
 
-class _Killed(Exception):
-    pass
-
-
-def _interrupt_after(trainer, task):
-    original = trainer._run_task
-
-    def run_task(index, start_epoch, resuming):
-        original(index, start_epoch, resuming)
-        if index == task:
-            raise _Killed
-
-    trainer._run_task = run_task
-
-
 def test_resume_after_a_task_gives_the_same_matrix(tiny_npz, tmp_path):
     reference = _trainer(tiny_npz, tmp_path / "ref").run()
     interrupted = _trainer(tiny_npz, tmp_path / "cut")
-    _interrupt_after(interrupted, 0)
-    with pytest.raises(_Killed):
+    interrupt_after(interrupted, 0)
+    with pytest.raises(Interrupted):
         interrupted.run()
     partial = json.loads((tmp_path / "cut" / "tiny_slca" / "results.json").read_text())
     assert not partial["complete"] and len(partial["accuracy_matrix"]) == 1
@@ -139,26 +124,16 @@ def test_resume_mid_task_from_an_epoch_checkpoint(tiny_npz, tmp_path):
 
     def train_epoch(prepared, ctx, epoch):
         if ctx.task == 1 and epoch == 2:
-            raise _Killed
+            raise Interrupted
         original(prepared, ctx, epoch)
 
     interrupted._train_epoch = train_epoch
-    with pytest.raises(_Killed):
+    with pytest.raises(Interrupted):
         interrupted.run()
     latest = ckpt.latest_checkpoint(tmp_path / "cut" / "tiny_slca" / "checkpoints")
     assert latest.name == "task_001_epoch_001"
     resumed = _trainer(tiny_npz, tmp_path / "cut", train=train).run(resume=True)
     assert resumed["correct"] == reference["correct"]
-
-
-def test_refuses_to_overwrite_a_run_and_resume_needs_a_checkpoint(tiny_npz, tmp_path):
-    _trainer(tiny_npz, tmp_path, train={"epochs": 1}).run()
-    from slca_kit.errors import CheckpointError
-
-    with pytest.raises(CheckpointError, match="already holds checkpoints: pass --resume"):
-        _trainer(tiny_npz, tmp_path, train={"epochs": 1}).run()
-    with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        _trainer(tiny_npz, tmp_path / "empty", train={"epochs": 1}).run(resume=True)
 
 
 def test_old_checkpoints_are_pruned(tiny_npz, tmp_path):
