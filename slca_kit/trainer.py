@@ -259,14 +259,15 @@ class Trainer:
         optimizer = build_optimizer(groups, self.config.train)
         scheduler = build_scheduler(optimizer, self.config.train, epochs)
         model, optimizer, loader, scheduler = accelerator.prepare(self.model, optimizer, loader, scheduler)
-        return {"model": model, "optimizer": optimizer, "loader": loader, "scheduler": scheduler,
-                "sampler": sampler, "dataset": dataset}
+        return {"model": model, "optimizer": optimizer, "loader": loader, "scheduler": scheduler, "dataset": dataset}
 
     def _train_epoch(self, prepared: dict, ctx: TaskContext, epoch: int) -> None:
         accelerator = self.accelerator
         model, optimizer = prepared["model"], prepared["optimizer"]
         self._seed(ctx.task, epoch + 1)
-        prepared["sampler"].set_epoch(epoch)
+        # accelerate's loader re-sets its sampler's (and sometimes the dataset's) epoch to its own iteration count
+        # when iterated, which restarts at 0 after a resume: give it the real epoch.
+        prepared["loader"].set_epoch(epoch)
         prepared["dataset"].set_epoch(epoch)
         model.train()
         for step, (images, labels) in enumerate(prepared["loader"]):

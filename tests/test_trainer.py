@@ -118,8 +118,9 @@ def test_resume_after_a_task_gives_the_same_matrix(tiny_npz, tmp_path):
 
 def test_resume_mid_task_from_an_epoch_checkpoint(tiny_npz, tmp_path):
     train = {"epochs": 3, "checkpoint_every_epoch": True, "keep_checkpoints": 10}
-    reference = _trainer(tiny_npz, tmp_path / "ref", train=train).run()
-    interrupted = _trainer(tiny_npz, tmp_path / "cut", train=train)
+    reference_trainer = _trainer(tiny_npz, tmp_path / "ref", train=train, data={"transform": "cifar"})
+    reference = reference_trainer.run()
+    interrupted = _trainer(tiny_npz, tmp_path / "cut", train=train, data={"transform": "cifar"})
     original = interrupted._train_epoch
 
     def train_epoch(prepared, ctx, epoch):
@@ -132,8 +133,11 @@ def test_resume_mid_task_from_an_epoch_checkpoint(tiny_npz, tmp_path):
         interrupted.run()
     latest = ckpt.latest_checkpoint(tmp_path / "cut" / "tiny_slca" / "checkpoints")
     assert latest.name == "task_001_epoch_001"
-    resumed = _trainer(tiny_npz, tmp_path / "cut", train=train).run(resume=True)
+    resumed_trainer = _trainer(tiny_npz, tmp_path / "cut", train=train, data={"transform": "cifar"})
+    resumed = resumed_trainer.run(resume=True)
     assert resumed["correct"] == reference["correct"]
+    for name, value in reference_trainer.model.state_dict().items():  # bitwise, augmentation included
+        assert torch.equal(value, resumed_trainer.model.state_dict()[name]), name
 
 
 def test_old_checkpoints_are_pruned(tiny_npz, tmp_path):
@@ -159,9 +163,16 @@ def test_gradient_accumulation_matches_full_batch(tiny_npz, tmp_path):
 
 
 def test_bf16_mixed_precision_runs_and_keeps_statistics_in_full_precision(tiny_npz, tmp_path):
+    from accelerate.state import AcceleratorState
+
     fp32 = _trainer(tiny_npz, tmp_path / "fp32", train={"epochs": 2}).run()
-    trainer = _trainer(tiny_npz, tmp_path / "bf16", train={"epochs": 2, "mixed_precision": "bf16"})
-    bf16 = trainer.run()
+    # accelerate keeps one process-wide state; a different precision in the same process needs a reset
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        trainer = _trainer(tiny_npz, tmp_path / "bf16", train={"epochs": 2, "mixed_precision": "bf16"})
+        bf16 = trainer.run()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert bf16["complete"] and trainer.method.covs.dtype == torch.float32
     # same data, same seeds; bf16 rounding may flip a few of the 36 test predictions
     assert abs(bf16["last_acc"] - fp32["last_acc"]) <= 20
