@@ -44,6 +44,7 @@ class DualPrompt(Method):
         super().__init__(params, config)
         self.prompted: PromptedViT | None = None
         self._pull = None
+        self._task_for_training = 0  # the E-prompt trained now (set in before_task)
 
     def grow(self, model, ctx: TaskContext) -> None:
         if self.params.e_pool_size < ctx.scenario.num_tasks:
@@ -55,7 +56,6 @@ class DualPrompt(Method):
                                         model.backbone.num_features).to(next(model.backbone.parameters()).device)
             self.prompted = PromptedViT(model.backbone, prefix_layers=sorted(set(p.g_layers) | set(p.e_layers)))
             model.feature_fn = lambda images: self.prompted_features(model, images)
-        self._task_for_training = ctx.task
 
     def match(self, model, query: torch.Tensor) -> torch.Tensor:
         """Test-time E-prompt ids: the key most cosine-similar to each query."""
