@@ -27,7 +27,7 @@ def _save_figure(figure, path: Path) -> None:
     plt.close(figure)
 
 
-def plot_matrix(results: dict, path: Path) -> None:
+def plot_matrix(results: dict, path: Path, setting: str = "class-incremental") -> None:
     matrix = results["accuracy_matrix"]
     n = len(matrix)
     values = [[float("nan") if v is None else v for v in row] for row in matrix]
@@ -41,7 +41,8 @@ def plot_matrix(results: dict, path: Path) -> None:
     axes.set_ylabel("after training task")
     axes.set_xticks(range(n))
     axes.set_yticks(range(n))
-    axes.set_title(f"{results['method']}: accuracy (%)  Last {results['last_acc']:.1f}  Inc {results['inc_acc']:.1f}")
+    axes.set_title(f"{results['method']} ({setting}): accuracy (%)  Last {results['last_acc']:.1f}  "
+                   f"Inc {results['inc_acc']:.1f}", fontsize=9)
     figure.colorbar(image, ax=axes, fraction=0.046)
     _save_figure(figure, path)
 
@@ -67,6 +68,12 @@ def write_run_outputs(run_dir: Path, results: dict) -> None:
     write_text_atomic(run_dir / "accuracy_matrix.csv", matrix_csv(results["accuracy_matrix"]))
     plot_matrix(results, run_dir / "accuracy_matrix.png")
     plot_curves([results], run_dir / "accuracy_curve.png")
+    task_incremental = results.get("task_incremental")
+    if task_incremental:
+        write_text_atomic(run_dir / "accuracy_matrix_task_incremental.csv",
+                          matrix_csv(task_incremental["accuracy_matrix"]))
+        plot_matrix({**results, **task_incremental}, run_dir / "accuracy_matrix_task_incremental.png",
+                    setting="task-incremental")
 
 
 def _fmt(value: float | None) -> str:
@@ -74,11 +81,18 @@ def _fmt(value: float | None) -> str:
 
 
 def comparison_table(runs: list[dict]) -> str:
-    """Markdown table of Last-Acc, Inc-Acc, forgetting and BWT."""
-    lines = ["| run | method | tasks | Last-Acc | Inc-Acc | Forgetting | BWT |", "|---|---|---|---|---|---|---|"]
+    """Markdown table of Last-Acc, Inc-Acc, forgetting and BWT; one row per run and evaluation setting
+    (class-incremental for every run, task-incremental too for methods that use a task id at test)."""
+    lines = ["| run | method | setting | tasks | Last-Acc | Inc-Acc | Forgetting | BWT |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['name']} | {r['method']} | {len(r['accuracy_matrix'])}/{len(r['task_sizes'])} | "
-                     f"{_fmt(r['last_acc'])} | {_fmt(r['inc_acc'])} | {_fmt(r['forgetting'])} | {_fmt(r['bwt'])} |")
+        settings = [("class-incremental", r)]
+        if r.get("task_incremental"):
+            settings.append(("task-incremental", r["task_incremental"]))
+        for setting, m in settings:
+            lines.append(f"| {r['name']} | {r['method']} | {setting} | {len(m['accuracy_matrix'])}/"
+                         f"{len(r['task_sizes'])} | {_fmt(m['last_acc'])} | {_fmt(m['inc_acc'])} | "
+                         f"{_fmt(m['forgetting'])} | {_fmt(m['bwt'])} |")
     return "\n".join(lines)
 
 

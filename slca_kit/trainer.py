@@ -72,14 +72,17 @@ class RunState:
     def __init__(self, method):
         self.method = method
         self.matrix = AccuracyMatrix()
+        # Task-incremental accuracies, for methods that can use a task id at test (``Method.needs_task_id``).
+        self.task_matrix = AccuracyMatrix()
         self.task_records: list[dict] = []
 
     def state_dict(self) -> dict:
-        return {"matrix": self.matrix.state_dict(), "task_records": self.task_records,
-                "method": self.method.state_dict()}
+        return {"matrix": self.matrix.state_dict(), "task_matrix": self.task_matrix.state_dict(),
+                "task_records": self.task_records, "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.matrix = AccuracyMatrix.from_state_dict(state["matrix"])
+        self.task_matrix = AccuracyMatrix.from_state_dict(state.get("task_matrix", {"totals": [], "correct": []}))
         self.task_records = list(state["task_records"])
         self.method.load_state_dict(state["method"])
 
@@ -155,26 +158,56 @@ class Trainer:
             return tensor
         return self.accelerator.reduce(tensor.contiguous(), reduction="sum")
 
-    @torch.no_grad()
-    def extract_features(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (float32, full precision) of this process's shard of ``split`` for ``classes``, with the TEST
-        transform and the backbone as it is now (slca.md, Class statistics)."""
+    def iterate_images(self, classes: list[int], split: str, batch_size: int):
+        """Batches of (images, labels) on the device: this process's shard of ``split`` for ``classes``, TEST
+        transform, fixed order."""
         source = self.data.train if split == "train" else self.data.test
         dataset = TaskDataset(source, self.label_map, classes, self.test_transform)
+        for images, labels in self._loader(self._shard(dataset), batch_size):
+            yield images.to(self.accelerator.device), labels.to(self.accelerator.device)
+
+    @torch.no_grad()
+    def _extract(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features (float32, full precision), labels and split indices of this process's shard of ``split`` for
+        ``classes``, with the TEST transform and the backbone as it is now (slca.md, Class statistics)."""
+        source = self.data.train if split == "train" else self.data.test
+        dataset = TaskDataset(source, self.label_map, classes, self.test_transform)
+        shard = self._shard(dataset)
+        device = self.accelerator.device
         self.model.eval()
         features, labels = [], []
-        for images, targets in self._loader(self._shard(dataset), self.config.train.eval_batch_size):
-            features.append(self.model.features(images.to(self.accelerator.device)).float())
-            labels.append(targets.to(self.accelerator.device))
+        for images, targets in self._loader(shard, self.config.train.eval_batch_size):
+            features.append(self.model.features(images.to(device)).float())
+            labels.append(targets.to(device))
+        indices = torch.as_tensor(dataset.indices[list(shard.indices)], dtype=torch.long, device=device)
         if not features:
             dim = self.model.backbone.num_features
-            return torch.zeros(0, dim, device=self.accelerator.device), torch.zeros(0, dtype=torch.long,
-                                                                                    device=self.accelerator.device)
-        return torch.cat(features), torch.cat(labels)
+            return torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device), indices
+        return torch.cat(features), torch.cat(labels), indices
+
+    def extract_features(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's shard: features and labels (see ``_extract``)."""
+        features, labels, _ = self._extract(classes, split)
+        return features, labels
+
+    def gather_features(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features, labels and split indices of ALL of ``split``'s samples of ``classes`` on every process,
+        ordered by split index, so that every process (and any number of processes) sees the same tensors."""
+        features, labels, indices = self._extract(classes, split)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([(features.cpu(), labels.cpu(), indices.cpu())])  # shards differ in length
+            features, labels, indices = (torch.cat([part[k] for part in parts]).to(self.accelerator.device)
+                                         for k in range(3))
+        order = torch.argsort(indices)
+        return features[order], labels[order], indices[order]
 
     def context(self, task: int) -> TaskContext:
         return TaskContext(task=task, scenario=self.scenario, config=self.config, accelerator=self.accelerator,
-                           extract_features=self.extract_features, reduce_sum=self._reduce_sum, timer=self._timer)
+                           extract_features=self.extract_features, gather_features=self.gather_features,
+                           iterate_images=self.iterate_images,
+                           reduce_sum=self._reduce_sum, timer=self._timer)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -233,11 +266,18 @@ class Trainer:
         self.method.after_training(self.model, ctx)
         with self._timer("evaluation"):
             correct, totals = self.evaluate(ctx)
+            if self.method.needs_task_id:
+                self.state.task_matrix.add_row(*self.evaluate_task_incremental(ctx))
         self.state.matrix.add_row(correct, totals)
         self.method.end_task(self.model, ctx)
         record = {"task": task, "classes": ctx.seen_classes, "seen_accuracy": self.state.matrix.seen_accuracy(task),
                   "seconds": {k: round(v, 3) for k, v in self._timings.items()},
                   "peak_memory_mib": round(peak_memory_mib(accelerator.device), 1)}
+        if self.method.needs_task_id:
+            record["task_incremental_accuracy"] = self.state.task_matrix.seen_accuracy(task)
+        summary = self.method.task_summary(self.model, ctx)
+        if summary:
+            record["method"] = summary
         self.state.task_records.append(record)
         logger.info(f"task {task + 1}/{self.scenario.num_tasks}: accuracy on {ctx.seen_classes} seen classes "
                     f"{record['seen_accuracy']:.2f}%  ({record['seconds']})", main_process_only=True)
@@ -252,7 +292,8 @@ class Trainer:
     def _prepare_training(self, ctx: TaskContext, epochs: int) -> dict:
         accelerator = self.accelerator
         dataset = TaskDataset(self.data.train, self.label_map, self.method.training_classes(ctx),
-                              self.train_transform, augment_seed=self.config.train.seed * 1_000 + ctx.task)
+                              self.train_transform, augment_seed=self.config.train.seed * 1_000 + ctx.task,
+                              extra_indices=self.method.extra_training_samples(ctx))
         sampler = EpochShuffleSampler(len(dataset), self.config.train.seed * 1_000 + ctx.task)
         loader = self._loader(dataset, self.micro_batch, sampler=sampler)
         groups = [g for g in self.method.param_groups(self.model, ctx) if g["params"]]
@@ -269,6 +310,7 @@ class Trainer:
         # when iterated, which restarts at 0 after a resume: give it the real epoch.
         prepared["loader"].set_epoch(epoch)
         prepared["dataset"].set_epoch(epoch)
+        self.method.before_epoch(self.model, ctx, epoch)
         model.train()
         for step, (images, labels) in enumerate(prepared["loader"]):
             with accelerator.accumulate(model):
@@ -280,6 +322,8 @@ class Trainer:
                 if self.config.train.grad_clip is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
                 optimizer.step()
+                if accelerator.sync_gradients:
+                    self.method.after_optimizer_step(self.model, ctx)
                 optimizer.zero_grad(set_to_none=True)
         prepared["scheduler"].step()
 
@@ -302,6 +346,25 @@ class Trainer:
             tasks = class_task[labels]
             correct += torch.bincount(tasks[hits], minlength=n_tasks)
             totals += torch.bincount(tasks, minlength=n_tasks)
+        return self._reduce_sum(correct).tolist(), self._reduce_sum(totals).tolist()
+
+    @torch.no_grad()
+    def evaluate_task_incremental(self, ctx: TaskContext) -> tuple[list[int], list[int]]:
+        """Correct predictions and test samples per task when each sample's task id is given: argmax of
+        ``method.predict_task`` over its own task's classes."""
+        device = self.accelerator.device
+        correct = torch.zeros(ctx.task + 1, dtype=torch.long, device=device)
+        totals = torch.zeros(ctx.task + 1, dtype=torch.long, device=device)
+        self.model.eval()
+        for task in range(ctx.task + 1):
+            offset = self.scenario.task_offset(task)
+            dataset = TaskDataset(self.data.test, self.label_map, self.scenario.task_classes(task), self.test_transform)
+            for images, labels in self._loader(self._shard(dataset), self.config.train.eval_batch_size):
+                images, labels = images.to(device), labels.to(device)
+                with self.accelerator.autocast():
+                    logits = self.method.predict_task(self.model, images, task, ctx)
+                correct[task] += (logits.argmax(dim=1) == labels - offset).sum()
+                totals[task] += labels.numel()
         return self._reduce_sum(correct).tolist(), self._reduce_sum(totals).tolist()
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -374,7 +437,9 @@ class Trainer:
             "task_sizes": list(self.scenario.task_sizes),
             "class_order": list(self.scenario.class_order),
             "skipped_images": {"count": len(self.data.skipped), "first": self.data.skipped[:20]},
+            "setting": "class-incremental",  # the top-level accuracies: no task id at test
             **matrix.summary(),
+            "task_incremental": self.state.task_matrix.summary() if self.state.task_matrix.num_rows else None,
             "tasks": self.state.task_records,
             "config": self.config.to_dict(),
         }

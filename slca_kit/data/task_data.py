@@ -11,15 +11,18 @@ from .sources import ImageSplit
 
 
 class TaskDataset(Dataset):
-    """Samples of ``split`` whose remapped label is in ``classes``; yields (image tensor, remapped label).
+    """Samples of ``split`` whose remapped label is in ``classes``, plus the samples at ``extra_indices`` (e.g. a
+    replay buffer); yields (image tensor, remapped label).
 
     With ``augment_seed`` set, the random transform of each image is seeded from (seed, epoch, image index), so
     augmentation does not depend on the number of processes, data-loader workers, or where a run was resumed."""
 
     def __init__(self, split: ImageSplit, label_map: np.ndarray, classes: list[int], transform: Callable,
-                 augment_seed: int | None = None):
+                 augment_seed: int | None = None, extra_indices: list[int] | None = None):
         remapped = label_map[split.labels]
         self.indices = np.flatnonzero(np.isin(remapped, classes))
+        if extra_indices:
+            self.indices = np.union1d(self.indices, np.asarray(extra_indices, dtype=np.int64))
         self.labels = remapped[self.indices]
         self.split = split
         self.transform = transform

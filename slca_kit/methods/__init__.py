@@ -7,17 +7,25 @@ from ..config import build_dataclass
 from ..errors import ConfigError
 from .base import Method, TaskContext
 from .coda_prompt import CodaPrompt
+from .den import DEN
 from .dualprompt import DualPrompt
+from .generative_replay import GenerativeFeatureReplay
 from .inflora import InfLoRA
 from .l2p import L2P
 from .joint import Joint
 from .linear_probe import LinearProbe
+from .lwf import LwF
+from .packnet import PackNet
+from .progressive import ProgressiveNetworks
+from .regularization import EWC, MAS, SI
+from .replay import Replay
 from .seq_ft import SeqFT, SeqFTSlowLearner
 from .slca import SLCA
 from .slca_pp import SLCAPlusPlus
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA,
-                                                    L2P, DualPrompt, CodaPrompt)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA, L2P, DualPrompt, CodaPrompt,
+    EWC, MAS, SI, LwF, Replay, GenerativeFeatureReplay, PackNet, ProgressiveNetworks, DEN)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

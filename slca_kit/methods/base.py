@@ -18,13 +18,18 @@ if TYPE_CHECKING:  # imported for type hints only
 @dataclass
 class TaskContext:
     """What a method may use during one task. ``extract_features`` runs the current backbone with TEST transforms
-    over this process's shard of the chosen split and classes; ``reduce_sum`` sums tensors over processes."""
+    over this process's shard of the chosen split and classes; ``gather_features`` does the same over the whole
+    split on every process and also returns each sample's index in the split (ordered by it); ``reduce_sum`` sums
+    tensors over processes."""
 
     task: int
     scenario: "Scenario"
     config: "Config"
     accelerator: "Accelerator"
     extract_features: Callable[[list[int], str], tuple[torch.Tensor, torch.Tensor]]
+    gather_features: Callable[[list[int], str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    # (classes, split, batch_size) -> batches of (images, labels) on the device: this process's shard, TEST transform
+    iterate_images: Callable[[list[int], str, int], Any]
     reduce_sum: Callable[[torch.Tensor], torch.Tensor]
     timer: Callable[[str], Any]
 
@@ -58,6 +63,9 @@ class Method:
     Params: ClassVar[type]
     # True when some trainable parameters get no gradient in some steps (DDP must then look for them).
     ddp_find_unused_parameters: ClassVar[bool] = False
+    # True when the method can use a task id at test time: the trainer then also reports task-incremental
+    # accuracy (each test sample classified among its own task's classes by ``predict_task``).
+    needs_task_id: ClassVar[bool] = False
 
     def __init__(self, params: Any, config: "Config"):
         self.params = params
@@ -69,6 +77,10 @@ class Method:
 
     def train_epochs(self, ctx: TaskContext) -> int:
         return self.config.train.epochs
+
+    def extra_training_samples(self, ctx: TaskContext) -> list[int]:
+        """Indices into the training split added to the task's data (a replay buffer's exemplars)."""
+        return []
 
     # -- hooks ------------------------------------------------------------------------------------
     def grow(self, model: "ContinualModel", ctx: TaskContext) -> None:
@@ -102,11 +114,17 @@ class Method:
             groups.append({"name": "method", "params": attached, "lr": lr})
         return groups
 
+    def before_epoch(self, model: "ContinualModel", ctx: TaskContext, epoch: int) -> None:
+        """Start of each training epoch (also the first epoch after a mid-task resume)."""
+
     def training_loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       ctx: TaskContext) -> torch.Tensor:
         """Cross-entropy on the current task's logits only (reference: ``logits[:, known:]``, targets - known)."""
         logits = model(images)
         return F.cross_entropy(logits[:, ctx.known_classes:], labels - ctx.known_classes)
+
+    def after_optimizer_step(self, model: "ContinualModel", ctx: TaskContext) -> None:
+        """After each optimizer update, before gradients are cleared (``p.grad`` still holds them)."""
 
     def after_training(self, model: "ContinualModel", ctx: TaskContext) -> None:
         """After the task's epochs, before evaluation (statistics, alignment, importance, ...)."""
@@ -115,8 +133,17 @@ class Method:
         """Logits over all seen classes."""
         return model(images)
 
+    def predict_task(self, model: "ContinualModel", images: torch.Tensor, task: int, ctx: TaskContext) -> torch.Tensor:
+        """Logits over task ``task``'s classes only, knowing the task id (task-incremental evaluation)."""
+        offset = ctx.scenario.task_offset(task)
+        return self.predict(model, images, ctx)[:, offset:offset + ctx.scenario.task_sizes[task]]
+
     def end_task(self, model: "ContinualModel", ctx: TaskContext) -> None:
         """After evaluation, before the task's checkpoint."""
+
+    def task_summary(self, model: "ContinualModel", ctx: TaskContext) -> dict[str, Any]:
+        """Numbers about the method after the task (parameter growth, buffer size, ...) for results.json."""
+        return {}
 
     # -- checkpoint state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -28,8 +28,13 @@ class ContinualModel(nn.Module):
             return self.feature_fn(images)
         return self.backbone(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+    def forward(self, images: torch.Tensor, extra_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``images``; ``extra_features`` (generated replay features) are appended after the images'
+        features, so that they reach the head through the same (DDP-wrapped) call."""
+        features = self.features(images)
+        if extra_features is not None:
+            features = torch.cat([features, extra_features.to(features.dtype)])
+        return self.head(features)
 
 
 def build_model(cfg: BackboneConfig, adapter: AdapterConfig | None = None) -> ContinualModel:
