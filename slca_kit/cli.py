@@ -54,11 +54,15 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if checkpoint is None or not (checkpoint / ckpt.PROGRESS_FILE).is_file():
         raise SlcaKitError(f"{run_dir}: no complete checkpoint to evaluate")
     task = trainer.load_for_eval(checkpoint)
-    correct, totals = trainer.evaluate(trainer.context(task))
-    if trainer.accelerator.is_main_process:
-        per_task = "  ".join(f"t{j}: {100 * c / n:.2f}" for j, (c, n) in enumerate(zip(correct, totals)))
-        print(f"{checkpoint.name}: accuracy on {sum(totals)} test images of {trainer.scenario.seen_classes(task)} "
-              f"classes {100 * sum(correct) / sum(totals):.2f}%  ({per_task})")
+    ctx = trainer.context(task)
+    settings = [("class-incremental", trainer.evaluate(ctx))]
+    if trainer.method.needs_task_id:
+        settings.append(("task-incremental", trainer.evaluate_task_incremental(ctx)))
+    for setting, (correct, totals) in settings:
+        if trainer.accelerator.is_main_process:
+            per_task = "  ".join(f"t{j}: {100 * c / n:.2f}" for j, (c, n) in enumerate(zip(correct, totals)))
+            print(f"{checkpoint.name}: {setting} accuracy on {sum(totals)} test images of "
+                  f"{trainer.scenario.seen_classes(task)} classes {100 * sum(correct) / sum(totals):.2f}%  ({per_task})")
     return 0
 
 

@@ -37,6 +37,7 @@ from .report import write_run_outputs
 
 logger = get_logger("slca_kit")
 ADAPTER_FILE = "adapter_model.safetensors"
+RUN_STATE_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first registered object (RunState)
 
 
 class TrainingDiverged(SlcaKitError):
@@ -412,7 +413,9 @@ class Trainer:
             self.model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
             self.accelerator.free_memory()
             return task + 1, 0
-        # Mid-task: model, optimizer and scheduler are rebuilt for the task, then loaded in _run_task.
+        # Mid-task: model, optimizer and scheduler are rebuilt for the task, then loaded in _run_task. The method's
+        # state is needed earlier, when the task's data is built (a replay buffer adds its exemplars).
+        self.state.load_state_dict(torch.load(latest / RUN_STATE_FILE, weights_only=False))
         return task, epoch + 1
 
     def load_for_eval(self, checkpoint: Path) -> int:

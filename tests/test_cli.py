@@ -29,7 +29,7 @@ def test_train_eval_report(tiny_npz, tmp_path):
 
     reported = _slca("report", str(run_dir), "--output", str(tmp_path / "cmp"), cwd=tmp_path)
     assert reported.returncode == 0, reported.stderr
-    assert f"| cli_run | slca | 3/3 | {results['last_acc']:.2f} |" in reported.stdout
+    assert f"| cli_run | slca | class-incremental | 3/3 | {results['last_acc']:.2f} |" in reported.stdout
     assert (tmp_path / "cmp" / "comparison_curve.png").stat().st_size > 0
 
 

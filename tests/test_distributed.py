@@ -56,3 +56,25 @@ def test_two_processes_match_one(odd_npz, tmp_path):
     _train(path, 2, "name=trained", "train.epochs=1", cwd=tmp_path)
     results = json.loads((tmp_path / "runs" / "trained" / "results.json").read_text())
     assert results["complete"] and results["num_processes"] == 2 and results["totals"] == [21, 21]
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
+@pytest.mark.parametrize("method", ["ewc", "replay", "den"])
+def test_lifelong_state_is_the_same_with_two_processes(odd_npz, tmp_path, method):
+    """EWC's Fisher is reduced, the replay buffer and DEN's training data are gathered: with the backbone as built
+    (epochs=0), two processes end with one process's state."""
+    recipe = tiny_recipe(odd_npz, tmp_path / "runs", method=method, scenario={"increment": 3, "class_order_seed": 1993})
+    recipe["method"]["params"] = {"memory_size": 8} if method == "replay" else {"epochs": 2} if method == "den" else {}
+    path = write_recipe(tmp_path / f"{method}.yaml", recipe)
+    _train(path, 1, "name=one", "train.epochs=0", cwd=tmp_path)
+    _train(path, 2, "name=two", "train.epochs=0", cwd=tmp_path)
+    one, two = _final_state(tmp_path / "runs" / "one"), _final_state(tmp_path / "runs" / "two")
+    assert one["matrix"] == two["matrix"] and one["task_matrix"] == two["task_matrix"]
+    if method == "ewc":
+        for name, fisher in one["method"]["importance"].items():
+            assert torch.allclose(fisher, two["method"]["importance"][name], rtol=1e-5, atol=1e-12), name
+    if method == "replay":
+        assert one["method"]["exemplars"] == two["method"]["exemplars"]
+        assert sum(len(v) for v in one["method"]["exemplars"].values()) == 8
+    if method == "den":
+        assert one["method"]["history"] == two["method"]["history"]

@@ -18,7 +18,11 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     fake.write_bytes(b"")
     monkeypatch.setenv("MOCOV3_WEIGHTS", str(fake))
     cfg = load_config(recipe)
-    assert cfg.method.name == recipe.stem.replace("_mocov3", "")
+    assert cfg.method.name == {"online_ewc": "ewc"}.get(recipe.stem, recipe.stem.replace("_mocov3", ""))
+    if recipe.stem == "online_ewc":
+        assert cfg.method.params.online and cfg.method.params.gamma == 1.0
+    if cfg.method.name == "replay":
+        assert cfg.method.params.memory_size == 2000 and cfg.method.params.selection == "herding"
     if cfg.method.name == "slca_pp":
         assert cfg.adapter.type == "lora" and cfg.adapter.options["r"] == 4 and cfg.adapter.options["lora_alpha"] == 3.2
         hard = recipe.parent.name in ("imagenet_r", "cars196")
@@ -44,7 +48,8 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "inflora", "l2p",
-                                    "dualprompt", "coda_prompt", "joint", "linear_probe"])
+                                    "dualprompt", "coda_prompt", "joint", "linear_probe", "ewc", "online_ewc", "mas",
+                                    "si", "lwf", "replay", "generative_replay", "packnet", "pnn", "den"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))

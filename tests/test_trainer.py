@@ -31,6 +31,8 @@ def test_every_method_runs_end_to_end(tiny_npz, tmp_path, method):
     assert results["complete"] and len(results["accuracy_matrix"]) == 3
     assert results["totals"] == [12, 12, 12]
     assert 0 <= results["last_acc"] <= 100
+    # methods that can use a task id also report task-incremental accuracy, the others do not
+    assert (results["task_incremental"] is not None) == METHODS[method].needs_task_id
     run_dir = tmp_path / f"tiny_{method}"
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["last_acc"] == results["last_acc"] and saved["complete"]

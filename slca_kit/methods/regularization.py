@@ -80,7 +80,8 @@ class ImportanceRegularizer(Method, abc.ABC):
     def after_training(self, model, ctx: TaskContext) -> None:
         with ctx.timer("importance"):
             task_importance = self.task_importance(model, ctx)
-        current = {name: p.detach().float().cpu() for name, p in tracked_parameters(model).items()}
+        # A copy: on CPU, .float().cpu() of a float32 parameter would be the live parameter itself.
+        current = {name: p.detach().float().cpu().clone() for name, p in tracked_parameters(model).items()}
         self.consolidate({name: b.float().cpu() for name, b in task_importance.items()}, current)
         self._device_state = {}
 
