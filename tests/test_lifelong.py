@@ -231,6 +231,25 @@ def test_packnet_masks_are_disjoint_frozen_and_sized(tiny_npz, tmp_path):
     assert results["tasks"][2]["method"]["owned_fraction"] == pytest.approx([0.25, 0.1875, 0.140625], abs=1e-3)
 
 
+def test_packnet_iterative_pruning_by_hand():
+    model = nn.Module()
+    model.layer = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.layer.weight.copy_(torch.tensor([[0.1, -0.8, 0.3, 0.5], [-0.2, 0.7, -0.6, 0.4]]))
+    method = build(PackNet, prune_fraction=0.75, prune_rounds=2, target_modules=r"layer\.weight")
+    method.owner = {"layer.weight": torch.zeros(2, 4, dtype=torch.int16)}
+    method.prune(model, task=0, round_index=1)  # keeps 0.25^(1/2) = half of 8: |w| 0.8, 0.7, 0.6, 0.5
+    assert method.owner["layer.weight"].tolist() == [[0, 1, 0, 1], [0, 1, 1, 0]]
+    assert model.layer.weight[0, 0] == 0 and model.layer.weight[1, 0] == 0
+    method.prune(model, task=0, round_index=2)  # keeps 0.25 of 8: 0.8, 0.7; 0.6 and 0.5 are released
+    assert method.owner["layer.weight"].tolist() == [[0, 1, 0, 0], [0, 1, 0, 0]]
+    assert torch.allclose(model.layer.weight.detach(), torch.tensor([[0, -0.8, 0, 0], [0, 0.7, 0, 0]]))
+    with torch.no_grad():  # task 1 trains the free weights; its pruning never touches task 0's
+        model.layer.weight.copy_(torch.tensor([[0.9, -0.8, 0.3, 0.05], [-0.2, 0.7, -0.6, 0.4]]))
+    method.prune(model, task=1, round_index=2)  # 0.25 of the 6 free weights: round(1.5) = 2 -> 0.9, 0.6
+    assert method.owner["layer.weight"].tolist() == [[2, 1, 0, 0], [0, 1, 2, 0]]
+
+
 def test_packnet_class_incremental_picks_the_most_confident_head():
     method = build(PackNet)
     ctx = fake_ctx(1, [2, 3])
