@@ -4,7 +4,7 @@
 set -euo pipefail
 out=${1:-runs/proxy}
 methods=(seq_ft seq_ft_sl slca slca_pp inflora l2p dualprompt coda_prompt joint linear_probe
-         ewc online_ewc mas si lwf replay generative_replay packnet pnn den)
+         ewc online_ewc mas si lwf replay generative_replay packnet pnn pnn_adapter den)
 for method in "${methods[@]}"; do
   if [ ! -f "$out/$method/results.json" ] || ! grep -q '"complete": true' "$out/$method/results.json"; then
     resume=""

@@ -262,18 +262,45 @@ def test_packnet_class_incremental_picks_the_most_confident_head():
 
 
 # -- PNN ----------------------------------------------------------------------------------------------
-def test_pnn_columns_are_frozen_and_growth_is_counted(tiny_npz, tmp_path):
-    trainer = _trainer(tiny_npz, tmp_path, "pnn", {"hidden": [8, 8]})
-    snapshots = _snapshot_after_each_task(trainer, lambda m: dict(m.head.named_parameters()))
+@pytest.mark.parametrize("params,sizes", [
+    # mlp column t: 64*8+8 + 8*8+8 + 8*2+2 = 610, plus per earlier column laterals 8*8 + 8*2 = 80
+    ({"hidden": [8, 8]}, [610, 690, 770]),
+    # adapter column t, 2 blocks of 64-d, rank 4: down 2*(64*4+4) + up 2*(4*64+64) + head 64*2+2 = 1290,
+    # plus per earlier column one lateral 4*4 (block 1 only)
+    ({"column": "adapter", "adapter_rank": 4}, [1290, 1306, 1322]),
+], ids=["mlp", "adapter"])
+def test_pnn_columns_are_frozen_and_growth_is_counted(tiny_npz, tmp_path, params, sizes):
+    trainer = _trainer(tiny_npz, tmp_path, "pnn", params)
+    snapshots = _snapshot_after_each_task(trainer, lambda m: dict(m.named_parameters()))
     results = trainer.run()
+    column_zero = [n for n in snapshots[0] if n.startswith(("head.heads.0.", "columns.down.0.", "columns.up.0."))]
+    assert column_zero
+    for name in column_zero:
+        assert torch.equal(snapshots[0][name], snapshots[2][name]), name
     for name, value in snapshots[0].items():
-        if name.startswith("heads.0."):
+        if name.startswith("backbone."):
             assert torch.equal(value, snapshots[2][name]), name
-    assert all(not p.requires_grad for p in trainer.model.backbone.parameters())
-    # column t: 64*8+8 + 8*8+8 + 8*2+2 = 610, plus per earlier column laterals 8*8 + 8*2 = 80
-    assert results["tasks"][2]["method"]["column_parameters"] == [610, 690, 770]
+    assert results["tasks"][2]["method"]["column_parameters"] == sizes
     matrix = results["task_incremental"]["accuracy_matrix"]
     assert len({matrix[i][0] for i in range(3)}) == 1  # task-incremental: column 0 is never touched
+
+
+def test_a_new_adapter_column_starts_as_the_pretrained_vit(tiny_npz, tmp_path):
+    trainer = _trainer(tiny_npz, tmp_path, "pnn", {"column": "adapter", "adapter_rank": 4})
+    model = trainer.model
+    images = torch.randn(3, 3, 32, 32)
+    plain = model.backbone(images)
+    for task in range(2):
+        model.head.add_task(2)
+        trainer.method.grow(model, trainer.context(task))
+    with torch.no_grad():  # column 0 trained: its pass changes, a fresh column 1 (up = 0) still equals the ViT
+        for layer in model.columns.up[0]:
+            layer.weight.normal_()
+    features = model.features(images)
+    assert features.shape == (3, 2, 64)
+    assert not torch.allclose(features[:, 0], plain, atol=1e-4)
+    assert torch.allclose(features[:, 1], plain, atol=1e-5)
+    assert torch.allclose(model.backbone(images), plain)  # no column active outside a column pass
 
 
 # -- DEN ----------------------------------------------------------------------------------------------
@@ -381,7 +408,8 @@ def test_report_labels_both_settings(tiny_npz, tmp_path):
 
 @pytest.mark.parametrize("method,params", [("ewc", {}), ("si", {}), ("lwf", {}), ("replay", {"memory_size": 6}),
                                            ("packnet", {"retrain_epochs": 1}), ("generative_replay", {"cvae_epochs": 2}),
-                                           ("den", {"epochs": 2}), ("pnn", {"hidden": [8]})])
+                                           ("den", {"epochs": 2}), ("pnn", {"hidden": [8]}),
+                                           ("pnn", {"column": "adapter", "adapter_rank": 4})])
 def test_resume_mid_run_matches_uninterrupted(tiny_npz, tmp_path, method, params):
     """Interrupted inside task 1 (after an epoch checkpoint) -- or after task 0 for methods without epochs --
     then resumed: the same accuracies and the same final weights."""

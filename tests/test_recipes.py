@@ -18,7 +18,7 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     fake.write_bytes(b"")
     monkeypatch.setenv("MOCOV3_WEIGHTS", str(fake))
     cfg = load_config(recipe)
-    assert cfg.method.name == {"online_ewc": "ewc"}.get(recipe.stem, recipe.stem.replace("_mocov3", ""))
+    assert cfg.method.name == {"online_ewc": "ewc", "pnn_adapter": "pnn"}.get(recipe.stem, recipe.stem.replace("_mocov3", ""))
     if recipe.stem == "online_ewc":
         assert cfg.method.params.online and cfg.method.params.gamma == 1.0
     if cfg.method.name == "replay":
@@ -49,7 +49,8 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "inflora", "l2p",
                                     "dualprompt", "coda_prompt", "joint", "linear_probe", "ewc", "online_ewc", "mas",
-                                    "si", "lwf", "replay", "generative_replay", "packnet", "pnn", "den"])
+                                    "si", "lwf", "replay", "generative_replay", "packnet", "pnn", "pnn_adapter",
+                                    "den"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))

@@ -1,11 +1,19 @@
 """Progressive Neural Networks (Rusu et al. 2016) on the frozen pretrained ViT (lifelong_methods.md, 2).
 
-Each task adds a column: an MLP on the backbone's features whose layers also receive the previous layer's outputs
-of every earlier column through lateral connections (the paper's Eq. 1, linear laterals U), ending in the task's
-output layer (which also has laterals). Earlier columns are frozen; the backbone is frozen. Column t's logits
-depend only on columns 0..t, so a task id picks its column exactly (task-incremental); class-incremental
-prediction takes the argmax over all columns' concatenated logits. The columns replace the model's head, so the
-trainer's forward (and DDP) stays the single entry point. Parameters added per task are reported.
+Each task adds a column whose layers also receive the previous layer's outputs of every earlier column through
+lateral connections (the paper's Eq. 1, linear laterals U); earlier columns and the backbone are frozen. Two kinds
+of column (``column``):
+
+- ``mlp``: an MLP on the backbone's features ending in the task's output layer (which also has laterals). The
+  columns replace the model's head.
+- ``adapter``: a bottleneck adapter in every block's MLP of the unmodified timm ViT (a forward hook adds
+  up(relu(down(x) + laterals)) to the MLP's output), with laterals from earlier columns' bottlenecks at the
+  previous block. Column c is one pass of the ViT with column c's adapters; the task's head reads that pass's
+  features. Task t costs t + 1 passes (the earlier ones without gradients).
+
+Column t's logits depend only on columns 0..t, so a task id picks its column exactly (task-incremental);
+class-incremental prediction takes the argmax over all columns' concatenated logits. The trainer's forward (and
+DDP) stays the single entry point. Parameters added per task are reported.
 """
 from __future__ import annotations
 
@@ -14,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from ..models.heads import IncrementalHead
 from .base import Method, TaskContext
 
 
@@ -73,30 +83,118 @@ class ProgressiveHead(nn.Module):
         return torch.cat(outputs, dim=1)
 
 
+class AdapterColumns(nn.Module):
+    """Per-column bottleneck adapters in every block's MLP, attached with forward hooks; ``active`` picks the
+    column of the pass running now, ``hidden[j][l]`` keeps column j's bottleneck at block l for the laterals."""
+
+    def __init__(self, blocks: nn.ModuleList, dim: int, rank: int):
+        super().__init__()
+        self.dim, self.rank, self.depth = dim, rank, len(blocks)
+        self.down = nn.ModuleList()  # [column][block] Linear(dim, rank)
+        self.up = nn.ModuleList()  # [column][block] Linear(rank, dim), zero init: a new column starts as the ViT
+        self.laterals = nn.ModuleList()  # [column][block - 1][earlier column] Linear(rank, rank)
+        self.active: int | None = None
+        self.hidden: list[list[torch.Tensor]] = []
+        self._hooks = [block.mlp.register_forward_hook(self._hook(l)) for l, block in enumerate(blocks)]
+
+    def add_column(self) -> None:
+        earlier = len(self.down)
+        self.down.append(nn.ModuleList(nn.Linear(self.dim, self.rank) for _ in range(self.depth)))
+        up = nn.ModuleList(nn.Linear(self.rank, self.dim) for _ in range(self.depth))
+        for layer in up:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.up.append(up)
+        self.laterals.append(nn.ModuleList(
+            nn.ModuleList(nn.Linear(self.rank, self.rank, bias=False) for _ in range(earlier))
+            for _ in range(self.depth - 1)))
+
+    def _hook(self, block: int):
+        def add_adapter(module, inputs, output):
+            column = self.active
+            if column is None:
+                return output
+            pre = self.down[column][block](inputs[0])
+            if block > 0:
+                for j, lateral in enumerate(self.laterals[column][block - 1]):
+                    pre = pre + lateral(self.hidden[j][block - 1])
+            hidden = torch.relu(pre)
+            self.hidden[column].append(hidden)
+            return output + self.up[column][block](hidden)
+
+        return add_adapter
+
+    def column_features(self, backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """[batch, columns, features]: one backbone pass per column; only the last column gets gradients."""
+        self.hidden, features = [], []
+        try:
+            for column in range(len(self.down)):
+                self.active = column
+                self.hidden.append([])
+                with torch.set_grad_enabled(torch.is_grad_enabled() and column == len(self.down) - 1):
+                    features.append(backbone(images))
+        finally:
+            self.active, self.hidden = None, []
+        return torch.stack(features, dim=1)
+
+
+class ColumnHeads(IncrementalHead):
+    """Head t reads column t's features ([batch, columns, features] input)."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(features[:, t]) for t, head in enumerate(self.heads)], dim=1)
+
+
 class ProgressiveNetworks(Method):
     name = "pnn"
     needs_task_id = True
 
     @dataclass
     class Params:
-        # Column widths (our choice: two hidden layers like the paper's MLP columns, sized for 192-768-d features).
+        column: str = "mlp"  # mlp | adapter
+        # mlp columns: widths (our choice: two hidden layers like the paper's MLP columns, for 192-768-d features)
         hidden: list[int] = field(default_factory=lambda: [512, 512])
+        adapter_rank: int = 64  # adapter columns: bottleneck width (AdaptFormer's 64)
+
+        def __post_init__(self):
+            if self.column not in ("mlp", "adapter"):
+                raise ConfigError(f"method.params.column: {self.column!r} is not one of mlp, adapter")
 
     def grow(self, model, ctx: TaskContext) -> None:
-        """The first call swaps the trainer's linear head for columns; later calls find the column just added."""
-        if isinstance(model.head, ProgressiveHead):
+        """Turn the model's head into columns (first call) and add task ``ctx.task``'s column."""
+        device = next(model.backbone.parameters()).device
+        if self.params.column == "mlp":
+            if not isinstance(model.head, ProgressiveHead):
+                head = ProgressiveHead(model.head.in_features, self.params.hidden)
+                for size in model.head.task_sizes:
+                    head.add_task(size)
+                model.head = head.to(device)
             return
-        sizes = model.head.task_sizes
-        head = ProgressiveHead(model.head.in_features, self.params.hidden)
-        for size in sizes:
-            head.add_task(size)
-        model.head = head.to(next(model.backbone.parameters()).device)
+        if not isinstance(model.head, ColumnHeads):
+            heads = ColumnHeads(model.head.in_features)
+            heads.heads = model.head.heads
+            model.head = heads
+            model.columns = AdapterColumns(model.backbone.blocks, model.backbone.embed_dim, self.params.adapter_rank)
+            columns = model.columns
+            model.feature_fn = lambda images: columns.column_features(model.backbone, images)
+        while len(model.columns.down) <= ctx.task:
+            model.columns.add_column()
+        model.columns.to(device)
 
     def before_task(self, model, ctx: TaskContext) -> None:
         model.backbone.requires_grad_(False)
         for index, column in enumerate(model.head.heads):
             column.requires_grad_(index == ctx.task)
+        if self.params.column == "adapter":
+            for parts in (model.columns.down, model.columns.up, model.columns.laterals):
+                for index, column in enumerate(parts):
+                    column.requires_grad_(index == ctx.task)
 
     def task_summary(self, model, ctx: TaskContext) -> dict:
-        sizes = [sum(p.numel() for p in column.parameters()) for column in model.head.heads]
+        if self.params.column == "mlp":
+            sizes = [sum(p.numel() for p in column.parameters()) for column in model.head.heads]
+        else:
+            columns = model.columns
+            sizes = [sum(p.numel() for part in (columns.down[c], columns.up[c], columns.laterals[c], model.head.heads[c])
+                         for p in part.parameters()) for c in range(len(columns.down))]
         return {"column_parameters": sizes, "total_column_parameters": sum(sizes)}
