@@ -62,7 +62,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         if trainer.accelerator.is_main_process:
             per_task = "  ".join(f"t{j}: {100 * c / n:.2f}" for j, (c, n) in enumerate(zip(correct, totals)))
             print(f"{checkpoint.name}: {setting} accuracy on {sum(totals)} test images of "
-                  f"{trainer.scenario.seen_classes(task)} classes {100 * sum(correct) / sum(totals):.2f}%  ({per_task})")
+                  f"{trainer.scenario.seen_classes(task)} classes {100 * sum(correct) / sum(totals):.2f}%  "
+                  f"({per_task})")
     return 0
 
 

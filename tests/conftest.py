@@ -85,3 +85,15 @@ def interrupt_after(trainer, task: int) -> None:
             raise Interrupted
 
     trainer._run_task = run_task
+
+
+def interrupt_before_epoch(trainer, task: int, epoch: int) -> None:
+    """Make ``trainer.run()`` raise Interrupted when epoch ``epoch`` of task ``task`` is about to start."""
+    original = trainer._train_epoch
+
+    def train_epoch(prepared, ctx, current):
+        if ctx.task == task and current == epoch:
+            raise Interrupted
+        original(prepared, ctx, current)
+
+    trainer._train_epoch = train_epoch

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from slca_kit.config import BackboneConfig
-from slca_kit.errors import CheckpointError, ConfigError
+from slca_kit.errors import CheckpointError
 from slca_kit.models import build_model, create_backbone, load_weights_file
 from slca_kit.models.heads import IncrementalHead
 

@@ -10,7 +10,6 @@ import logging
 import numpy as np
 import pytest
 import timm
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -19,7 +18,7 @@ from slca_kit.config import apply_overrides, config_from_dict, load_config, load
 from slca_kit.errors import CheckpointError, ConfigError, DataError, SlcaKitError
 from slca_kit.trainer import Trainer, TrainingDiverged
 
-from conftest import TINY_VIT, Interrupted, interrupt_after, make_color_images, tiny_recipe, write_recipe
+from conftest import TINY_VIT, Interrupted, interrupt_after, make_color_images, tiny_recipe
 
 
 def _set(recipe: dict, dotted: str, value) -> dict:

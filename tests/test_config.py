@@ -1,7 +1,7 @@
 """Recipe loading: overrides, extends, environment variables in paths, benchmark presets."""
 import pytest
 
-from slca_kit.config import apply_overrides, config_from_dict, load_config, load_recipe_dict
+from slca_kit.config import apply_overrides, config_from_dict, load_recipe_dict
 from slca_kit.errors import ConfigError
 
 from conftest import tiny_recipe, write_recipe

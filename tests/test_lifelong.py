@@ -19,7 +19,7 @@ from slca_kit.models.heads import IncrementalHead
 from slca_kit.report import comparison_table
 from slca_kit.trainer import Trainer
 
-from conftest import Interrupted, interrupt_after, tiny_recipe
+from conftest import Interrupted, interrupt_after, interrupt_before_epoch, tiny_recipe
 
 
 def fake_ctx(task, task_sizes, batches=(), gathered=None):
@@ -407,7 +407,8 @@ def test_report_labels_both_settings(tiny_npz, tmp_path):
 
 
 @pytest.mark.parametrize("method,params", [("ewc", {}), ("si", {}), ("lwf", {}), ("replay", {"memory_size": 6}),
-                                           ("packnet", {"retrain_epochs": 1}), ("generative_replay", {"cvae_epochs": 2}),
+                                           ("packnet", {"retrain_epochs": 1}),
+                                           ("generative_replay", {"cvae_epochs": 2}),
                                            ("den", {"epochs": 2}), ("pnn", {"hidden": [8]}),
                                            ("pnn", {"column": "adapter", "adapter_rank": 4})])
 def test_resume_mid_run_matches_uninterrupted(tiny_npz, tmp_path, method, params):
@@ -420,14 +421,7 @@ def test_resume_mid_run_matches_uninterrupted(tiny_npz, tmp_path, method, params
     if interrupted.method.train_epochs(interrupted.context(0)) == 0:
         interrupt_after(interrupted, 0)
     else:
-        original = interrupted._train_epoch
-
-        def train_epoch(prepared, ctx, epoch):
-            if ctx.task == 1 and epoch == 1:
-                raise Interrupted
-            original(prepared, ctx, epoch)
-
-        interrupted._train_epoch = train_epoch
+        interrupt_before_epoch(interrupted, task=1, epoch=1)
     with pytest.raises(Interrupted):
         interrupted.run()
     resumed_trainer = _trainer(tiny_npz, tmp_path / "cut", method, params, train=train)

@@ -18,7 +18,8 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     fake.write_bytes(b"")
     monkeypatch.setenv("MOCOV3_WEIGHTS", str(fake))
     cfg = load_config(recipe)
-    assert cfg.method.name == {"online_ewc": "ewc", "pnn_adapter": "pnn"}.get(recipe.stem, recipe.stem.replace("_mocov3", ""))
+    variants = {"online_ewc": "ewc", "pnn_adapter": "pnn"}
+    assert cfg.method.name == variants.get(recipe.stem, recipe.stem.replace("_mocov3", ""))
     if recipe.stem == "online_ewc":
         assert cfg.method.params.online and cfg.method.params.gamma == 1.0
     if cfg.method.name == "replay":

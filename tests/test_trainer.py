@@ -9,7 +9,7 @@ from slca_kit.config import config_from_dict
 from slca_kit.methods import METHODS
 from slca_kit.trainer import Trainer
 
-from conftest import Interrupted, interrupt_after, tiny_recipe
+from conftest import Interrupted, interrupt_after, interrupt_before_epoch, tiny_recipe
 
 
 def _trainer(tiny_npz, tmp_path, method="slca", params=None, **sections):
@@ -123,14 +123,7 @@ def test_resume_mid_task_from_an_epoch_checkpoint(tiny_npz, tmp_path):
     reference_trainer = _trainer(tiny_npz, tmp_path / "ref", train=train, data={"transform": "cifar"})
     reference = reference_trainer.run()
     interrupted = _trainer(tiny_npz, tmp_path / "cut", train=train, data={"transform": "cifar"})
-    original = interrupted._train_epoch
-
-    def train_epoch(prepared, ctx, epoch):
-        if ctx.task == 1 and epoch == 2:
-            raise Interrupted
-        original(prepared, ctx, epoch)
-
-    interrupted._train_epoch = train_epoch
+    interrupt_before_epoch(interrupted, task=1, epoch=2)
     with pytest.raises(Interrupted):
         interrupted.run()
     latest = ckpt.latest_checkpoint(tmp_path / "cut" / "tiny_slca" / "checkpoints")

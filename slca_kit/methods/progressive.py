@@ -195,6 +195,7 @@ class ProgressiveNetworks(Method):
             sizes = [sum(p.numel() for p in column.parameters()) for column in model.head.heads]
         else:
             columns = model.columns
-            sizes = [sum(p.numel() for part in (columns.down[c], columns.up[c], columns.laterals[c], model.head.heads[c])
-                         for p in part.parameters()) for c in range(len(columns.down))]
+            parts = [(columns.down[c], columns.up[c], columns.laterals[c], model.head.heads[c])
+                     for c in range(len(columns.down))]
+            sizes = [sum(p.numel() for part in column for p in part.parameters()) for column in parts]
         return {"column_parameters": sizes, "total_column_parameters": sum(sizes)}

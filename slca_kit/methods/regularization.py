@@ -97,7 +97,8 @@ class ImportanceRegularizer(Method, abc.ABC):
             self.importance[name] = decay * self.importance[name] + b if name in self.importance else b
             self.anchor[name] = current[name]
 
-    def _mean_over_task_samples(self, model, ctx: TaskContext, sample_objective, sample_value) -> dict[str, torch.Tensor]:
+    def _mean_over_task_samples(self, model, ctx: TaskContext, sample_objective,
+                                sample_value) -> dict[str, torch.Tensor]:
         """mean over the task's training images (TEST transform, all processes) of sample_value(per-sample gradient
         of sample_objective(current-task logits, label)), per tracked parameter; ``importance_samples`` caps the
         images per process."""
