@@ -56,7 +56,7 @@ def test_ewc_fisher_is_the_mean_squared_per_sample_gradient():
     model = TinyModel()
     x = torch.tensor([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [0.0, 3.0, 1.0]])
     y = torch.tensor([0, 1, 1])
-    method = build(EWC, importance_batch_size=2)  # two batches: 2 + 1 samples
+    method = build(EWC, importance_batch_size=2, fisher_max=None)  # two batches: 2 + 1 samples
     fisher = method.task_importance(model, fake_ctx(0, [2], batches=[(x[:2], y[:2]), (x[2:], y[2:])]))
     # By hand: dCE/dlogits = softmax - onehot; dlogits/dV = H^T (.) x^T.
     H = model.head.heads[0].weight.detach()
@@ -66,6 +66,9 @@ def test_ewc_fisher_is_the_mean_squared_per_sample_gradient():
         g = p - torch.nn.functional.one_hot(y[i], 2).float()
         expected += torch.outer(H.T @ g, x[i]) ** 2 / 3
     assert torch.allclose(fisher["backbone.weight"], expected, atol=1e-6)
+    clamped = build(EWC, importance_batch_size=2, fisher_max=0.01).task_importance(
+        model, fake_ctx(0, [2], batches=[(x[:2], y[:2]), (x[2:], y[2:])]))
+    assert torch.allclose(clamped["backbone.weight"], expected.clamp_max(0.01), atol=1e-6)
 
 
 def test_mas_importance_is_the_mean_absolute_gradient_of_the_squared_output_norm():

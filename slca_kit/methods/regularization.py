@@ -152,6 +152,9 @@ class EWC(ImportanceRegularizer):
     class Params:
         backbone_lr_scale: float = 1.0  # EWC trains all weights with one lr (Kirkpatrick et al. 2017)
         ewc_lambda: float = 1000.0  # PyCIL's ewc.py lamda (class-incremental EWC on ImageNet-style CNNs)
+        # Each task's Fisher is clamped at this value (PyCIL's ewc.py fishermax), so lr * lambda * F stays small and
+        # SGD on the penalty stays stable; null: no clamp.
+        fisher_max: float | None = 1e-4
         online: bool = False
         gamma: float = 1.0  # online EWC decay; 1.0 as in van de Ven et al. 2019 (three scenarios)
         importance_batch_size: int = 16  # images per vmap call (memory: batch x parameters)
@@ -165,7 +168,10 @@ class EWC(ImportanceRegularizer):
         def log_likelihood_loss(task_logits, label):
             return torch.nn.functional.cross_entropy(task_logits[None], label[None])
 
-        return self._mean_over_task_samples(model, ctx, log_likelihood_loss, torch.square)
+        fisher = self._mean_over_task_samples(model, ctx, log_likelihood_loss, torch.square)
+        if self.params.fisher_max is None:
+            return fisher
+        return {name: f.clamp_max(self.params.fisher_max) for name, f in fisher.items()}
 
     def consolidate(self, task_importance, current):
         if self.params.online:
