@@ -11,6 +11,7 @@ from torch import nn
 from slca_kit.config import Config, config_from_dict
 from slca_kit.data.scenario import Scenario
 from slca_kit.methods.den import DEN, DENNetwork, group_soft_threshold_, soft_threshold_
+from slca_kit.methods.generative_replay import ConditionalVAE, GaussianGenerator, GenerativeFeatureReplay
 from slca_kit.methods.lwf import LwF, soft_target_cross_entropy
 from slca_kit.methods.packnet import PackNet
 from slca_kit.methods.regularization import EWC, MAS, SI
@@ -188,6 +189,59 @@ def test_replay_rejects_two_budgets():
 
     with pytest.raises(ConfigError, match="exactly one of memory_size"):
         Replay.Params(memory_size=10, memory_per_class=2)
+
+
+# -- generative replay ---------------------------------------------------------------------------------
+def test_gaussian_generator_samples_its_class_moments():
+    means = torch.tensor([[1.0, -2.0], [5.0, 0.0]])
+    covariance = torch.tensor([[4.0, 1.2], [1.2, 1.0]])
+    generator = GaussianGenerator(means, torch.linalg.cholesky(covariance).expand(2, 2, 2))
+    torch.manual_seed(0)
+    samples = generator.sample(torch.ones(40000, dtype=torch.long))  # class 1 only
+    assert torch.allclose(samples.mean(0), means[1], atol=0.05)
+    assert torch.allclose(torch.cov(samples.T), covariance, atol=0.08)
+
+
+def test_generative_replay_mixes_generated_old_classes_into_the_batch():
+    method = build(GenerativeFeatureReplay, replay_ratio=0.5)
+    # task 0 (classes 0, 1) and task 1 (classes 2, 3) have generators; task 2 is training
+    no_spread = torch.zeros(2, 2, 2)
+    method.generators.append(GaussianGenerator(torch.tensor([[10.0, 0], [0, 10.0]]), no_spread))
+    method.generators.append(GaussianGenerator(torch.tensor([[-10.0, 0], [0, -10.0]]), no_spread))
+    ctx = fake_ctx(2, [2, 2, 2])
+    torch.manual_seed(0)
+    features, labels = method.sample_replay(500, ctx)
+    assert set(labels.tolist()) == {0, 1, 2, 3}  # every earlier class, never a current one
+    expected = torch.tensor([[10.0, 0], [0, 10.0], [-10.0, 0], [0, -10.0]])[labels]  # zero covariance: the means
+    assert torch.equal(features, expected)
+    model = nn.Module()
+    model.head = IncrementalHead(2)
+    for _ in range(3):
+        model.head.add_task(2)
+    model.forward = lambda images, extra_features=None: model.head(torch.cat([images, extra_features]))
+    images, current = torch.randn(4, 2), torch.tensor([4, 5, 4, 5])
+    torch.manual_seed(1)
+    loss = method.training_loss(model, images, current, ctx)
+    torch.manual_seed(1)
+    replayed, replayed_labels = method.sample_replay(2, ctx)  # 0.5 x 4 images
+    logits = model.head(torch.cat([images, replayed]))
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, torch.cat([current, replayed_labels])))
+
+
+def test_conditional_vae_learns_class_conditional_features():
+    torch.manual_seed(0)
+    classes = torch.arange(2).repeat(200)
+    features = torch.tensor([[3.0, 0.0, 1.0], [-3.0, 2.0, 0.0]])[classes] + 0.1 * torch.randn(400, 3)
+    cvae = ConditionalVAE(3, 2, hidden=32, latent=2)
+    optimizer = torch.optim.Adam(cvae.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = cvae.loss(features, classes)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    samples = cvae.sample(torch.tensor([0] * 500 + [1] * 500))
+    assert torch.allclose(samples[:500].mean(0), torch.tensor([3.0, 0.0, 1.0]), atol=0.3)
+    assert torch.allclose(samples[500:].mean(0), torch.tensor([-3.0, 2.0, 0.0]), atol=0.3)
 
 
 # -- PackNet ------------------------------------------------------------------------------------------
