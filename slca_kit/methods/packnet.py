@@ -55,7 +55,8 @@ class PackNet(Method):
         self.owner: dict[str, torch.Tensor] = {}  # int16 per weight: 0 free, t + 1 owned by task t
         self.initial: dict[str, torch.Tensor] = {}  # pretrained values, the start of free weights
         self.rounds_done = 0  # pruning rounds of the current task
-        self._fixed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (trainable mask, fixed values)
+        # name -> (parameter, trainable mask, fixed values), set each epoch for the per-step restore
+        self._fixed: dict[str, tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = {}
         self._full: dict[str, torch.Tensor] = {}  # full weights while another task's view is applied
         self._view: int | None = None
 
@@ -100,7 +101,7 @@ class PackNet(Method):
         self._fixed = {}
         for name, p in self.packed(model).items():
             trainable = self.owner[name].to(p.device) == trainable_owner
-            self._fixed[name] = (trainable, p.detach().clone())
+            self._fixed[name] = (p, trainable, p.detach().clone())
 
     def prune(self, model, task: int, round_index: int) -> None:
         """Keep, per layer, the largest (1 - prune_fraction)^(round / rounds) of the weights that were free at the
@@ -123,8 +124,7 @@ class PackNet(Method):
     def after_optimizer_step(self, model, ctx: TaskContext) -> None:
         # Exactly frozen: undo what momentum / weight decay did to held weights (gradient masks would not).
         with torch.no_grad():
-            for name, p in self.packed(model).items():
-                trainable, fixed = self._fixed[name]
+            for p, trainable, fixed in self._fixed.values():
                 p.copy_(torch.where(trainable, p, fixed))
 
     # -- task views ---------------------------------------------------------------------------------
