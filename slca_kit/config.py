@@ -103,7 +103,8 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adam | adamw
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    scheduler: str = "multistep"  # multistep | cosine | constant, stepped per epoch
+    # multistep | cosine (half cosine to eta_min) | coda_cosine (CODA-Prompt's quarter cosine) | constant; per epoch
+    scheduler: str = "multistep"
     milestones: list[int] = field(default_factory=lambda: [18])  # CIFAR [18], others [40] (slca.md)
     gamma: float = 0.1
     eta_min: float = 0.0  # cosine floor
@@ -146,7 +147,7 @@ CHOICES = {
     "scenario.remainder": ("separate", "merge"),
     "data.bad_images": ("fail", "skip"),
     "train.optimizer": ("sgd", "adam", "adamw"),
-    "train.scheduler": ("multistep", "cosine", "constant"),
+    "train.scheduler": ("multistep", "cosine", "coda_cosine", "constant"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import resource
 import shutil
 import time
@@ -51,12 +52,24 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
     return optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def coda_cosine_factor(epoch: int, epochs: int) -> float:
+    """CODA-Prompt's ``CosineSchedule``: lr x cos(99 pi e / (200 (K - 1))) at epoch e of K, a quarter cosine that
+    ends at cos(0.495 pi) ~ 0.016 (GT-RIPL/CODA-Prompt utils/schedulers.py:47-57; InfLoRA uses the same class,
+    liangyanshuo/InfLoRA methods/inflora.py:169). With one epoch the official formula divides by zero; the lr is
+    then constant."""
+    if epochs <= 1:
+        return 1.0
+    return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epochs: int):
     """Stepped once per epoch."""
     if cfg.scheduler == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=cfg.eta_min)
+    if cfg.scheduler == "coda_cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: coda_cosine_factor(epoch, epochs))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -65,6 +78,14 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def per_task_batches(size: int, batch: int, rank: int, world: int) -> list[list[int]]:
+    """Consecutive batches of ``batch`` indices of a ``size``-image test set (the last may be shorter), every
+    ``world``-th batch to process ``rank``: the batches, and so batch-dependent predictions, are the same for any
+    number of processes."""
+    starts = range(0, size, batch)
+    return [list(range(start, min(start + batch, size))) for start in list(starts)[rank::world]]
 
 
 class RunState:
@@ -328,25 +349,50 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
         prepared["scheduler"].step()
 
+    def _test_batches(self, classes: list[int]):
+        """This process's test batches of ``classes`` on the device. Per-sample methods: a shard of every
+        num_processes-th image in batches of ``train.eval_batch_size`` (which cannot change a prediction). Methods
+        with an ``evaluation_batch``: consecutive batches of that size, whole batches shared out over processes
+        (see ``per_task_batches``); the caller passes one task's classes at a time."""
+        dataset = TaskDataset(self.data.test, self.label_map, classes, self.test_transform)
+        group = self.method.evaluation_batch()
+        if group is None:
+            loader = self._loader(self._shard(dataset), self.config.train.eval_batch_size)
+        else:
+            batches = per_task_batches(len(dataset), group, self.accelerator.process_index,
+                                       self.accelerator.num_processes)
+            loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.config.data.num_workers)
+        for images, labels in loader:
+            yield images.to(self.accelerator.device), labels.to(self.accelerator.device)
+
+    def evaluation_protocol(self) -> dict:
+        """How test images were batched, for results.json."""
+        group = self.method.evaluation_batch()
+        if group is None:
+            return {"batching": "per-sample", "batch": None}
+        return {"batching": "per-task batches (the prediction depends on the batch, evaluated as the official code "
+                            "does: each task's test images in consecutive batches)", "batch": group}
+
     @torch.no_grad()
     def evaluate(self, ctx: TaskContext) -> tuple[list[int], list[int]]:
         """Correct predictions and test samples per task over all seen classes (argmax over seen classes),
-        each process on its own shard, summed across processes."""
+        each process on its own share, summed across processes."""
         seen = ctx.seen_classes
-        dataset = TaskDataset(self.data.test, self.label_map, list(range(seen)), self.test_transform)
         class_task = torch.as_tensor(self.scenario.class_task_ids(), device=self.accelerator.device)
         n_tasks = ctx.task + 1
         correct = torch.zeros(n_tasks, dtype=torch.long, device=self.accelerator.device)
         totals = torch.zeros(n_tasks, dtype=torch.long, device=self.accelerator.device)
         self.model.eval()
-        for images, labels in self._loader(self._shard(dataset), self.config.train.eval_batch_size):
-            images, labels = images.to(self.accelerator.device), labels.to(self.accelerator.device)
-            with self.accelerator.autocast():
-                logits = self.method.predict(self.model, images, ctx)
-            hits = logits[:, :seen].argmax(dim=1) == labels
-            tasks = class_task[labels]
-            correct += torch.bincount(tasks[hits], minlength=n_tasks)
-            totals += torch.bincount(tasks, minlength=n_tasks)
+        per_task = self.method.evaluation_batch() is not None
+        class_sets = [self.scenario.task_classes(t) for t in range(n_tasks)] if per_task else [list(range(seen))]
+        for classes in class_sets:
+            for images, labels in self._test_batches(classes):
+                with self.accelerator.autocast():
+                    logits = self.method.predict(self.model, images, ctx)
+                hits = logits[:, :seen].argmax(dim=1) == labels
+                tasks = class_task[labels]
+                correct += torch.bincount(tasks[hits], minlength=n_tasks)
+                totals += torch.bincount(tasks, minlength=n_tasks)
         return self._reduce_sum(correct).tolist(), self._reduce_sum(totals).tolist()
 
     @torch.no_grad()
@@ -359,9 +405,7 @@ class Trainer:
         self.model.eval()
         for task in range(ctx.task + 1):
             offset = self.scenario.task_offset(task)
-            dataset = TaskDataset(self.data.test, self.label_map, self.scenario.task_classes(task), self.test_transform)
-            for images, labels in self._loader(self._shard(dataset), self.config.train.eval_batch_size):
-                images, labels = images.to(device), labels.to(device)
+            for images, labels in self._test_batches(self.scenario.task_classes(task)):
                 with self.accelerator.autocast():
                     logits = self.method.predict_task(self.model, images, task, ctx)
                 correct[task] += (logits.argmax(dim=1) == labels - offset).sum()
@@ -441,6 +485,7 @@ class Trainer:
             "class_order": list(self.scenario.class_order),
             "skipped_images": {"count": len(self.data.skipped), "first": self.data.skipped[:20]},
             "setting": "class-incremental",  # the top-level accuracies: no task id at test
+            "evaluation": self.evaluation_protocol(),
             **matrix.summary(),
             "task_incremental": self.state.task_matrix.summary() if self.state.task_matrix.num_rows else None,
             "tasks": self.state.task_records,

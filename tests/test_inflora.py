@@ -33,14 +33,23 @@ def test_branch_changes_only_k_and_v_and_is_zero_at_start():
     assert torch.allclose(out[..., 6:12], k_expected, atol=1e-5)
 
 
-def test_threshold_picks_the_fewest_directions():
+def test_threshold_counts_squared_singular_values_as_the_official_code():
+    """Energy = squared singular values of the input covariance (InfLoRA methods/inflora.py:330-332, 349-356)."""
     memory = DualGPM(4)
-    covariance = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
-    assert memory.update(covariance, 0.7) == 2  # 0.4 + 0.3 reaches 0.7
-    assert torch.allclose((memory.basis @ memory.basis.T).diagonal(), torch.tensor([1.0, 1, 0, 0],
+    covariance = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))  # energies 16, 9, 4, 1 of 30
+    # first task: r = #{k: cumsum(ratio)_k < 0.7} = #{0.533} = 1 (the plain eigenvalues would give 0.4, 0.7: 2)
+    assert memory.update(covariance, 0.7) == 1
+    assert torch.allclose((memory.basis @ memory.basis.T).diagonal(), torch.tensor([1.0, 0, 0, 0],
                                                                                    dtype=torch.float64), atol=1e-9)
-    # a second task with the same inputs already has 70% captured: to reach 0.95, two more directions
+    # later task, same inputs: 16/30 captured; add 9/30 (0.833 < 0.95), then 4/30 (0.967): two more
     assert memory.update(covariance, 0.95) == 2
+
+
+def test_one_over_i_spectrum_keeps_eleven_directions_at_095():
+    """The issue's example: eigenvalues proportional to 1/i in 768 dimensions, threshold 0.95."""
+    memory = DualGPM(768)
+    values = 1.0 / torch.arange(1, 769, dtype=torch.float64)
+    assert memory.update(torch.diag(values), 0.95) == 11
 
 
 def test_designed_a_is_orthogonal_to_the_stored_subspace():
@@ -54,13 +63,16 @@ def test_designed_a_is_orthogonal_to_the_stored_subspace():
 
 
 def test_dual_form_tracks_the_union_of_task_subspaces():
-    """Three tasks whose inputs span 2 directions each in 8-d: after the third, the subspace is 6-d, so it is
-    stored as its 2-d complement ("retain"), and its projector equals the one onto the union of the inputs."""
+    """Three tasks whose inputs span 2 directions each in 8-d. The official first-task rule keeps one direction
+    fewer than the threshold needs (cumsum < threshold), so the first task's inputs come twice; after the third
+    task the subspace is 6-d, stored as its 2-d complement ("retain"), with the projector onto the union."""
     g = torch.Generator().manual_seed(0)
     factors = [torch.randn(2, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    inputs = [torch.randn(100, 2, generator=g, dtype=torch.float64) @ factor for factor in factors]
     memory = DualGPM(8)
-    for factor in factors:
-        x = torch.randn(100, 2, generator=g, dtype=torch.float64) @ factor
+    assert memory.update(inputs[0].T @ inputs[0], 1 - 1e-9) == 1
+    assert memory.update(inputs[0].T @ inputs[0], 1 - 1e-9) == 1
+    for x in inputs[1:]:
         assert memory.update(x.T @ x, 1 - 1e-9) == 2
     union = torch.linalg.qr(torch.cat(factors).T).Q
     assert memory.mode == "retain" and memory.basis.shape == (8, 2)
@@ -69,7 +81,7 @@ def test_dual_form_tracks_the_union_of_task_subspaces():
 
 def test_end_to_end_trains_only_branches_and_heads(tiny_npz, tmp_path):
     recipe = tiny_recipe(tiny_npz, tmp_path, method="inflora", train={"epochs": 2, "optimizer": "adam", "lr": 5e-4,
-                                                                      "scheduler": "cosine"})
+                                                                      "scheduler": "coda_cosine"})
     recipe["method"]["params"] = {"rank": 4}
     trainer = Trainer(config_from_dict(recipe))
     before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}

@@ -1,4 +1,6 @@
 """Prompt methods on an unmodified timm ViT: insertion, prefixes, key matching, what trains, end-to-end runs."""
+import math
+
 import pytest
 import timm
 import torch
@@ -148,3 +150,67 @@ def test_prompt_methods_run_end_to_end(tiny_npz, tmp_path, method):
     after = trainer.model.backbone.state_dict()
     assert all(torch.equal(after[k.replace(".attn.", ".attn.attention.")] if k not in after else after[k], v)
                for k, v in before.items())  # the backbone is frozen
+
+
+def test_coda_cosine_is_the_official_quarter_cosine():
+    """lr x cos(99 pi e / (200 (K - 1))) at epoch e of K (CODA-Prompt utils/schedulers.py), stepped per epoch."""
+    from slca_kit.config import TrainConfig
+    from slca_kit.trainer import build_scheduler
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1e-3)
+    scheduler = build_scheduler(optimizer, TrainConfig(scheduler="coda_cosine"), epochs=20)
+    seen = []
+    for _ in range(20):
+        seen.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert seen[0] == pytest.approx(1e-3)
+    assert seen[10] == pytest.approx(1e-3 * math.cos(99 * math.pi * 10 / (200 * 19)))
+    assert seen[19] == pytest.approx(1e-3 * math.cos(0.495 * math.pi))  # ends near 1.6 % of the lr, not at 0
+    one = build_scheduler(torch.optim.Adam([parameter], lr=1e-3), TrainConfig(scheduler="coda_cosine"), epochs=1)
+    assert one.get_last_lr() == [pytest.approx(1e-3)]  # the official formula divides by zero at K = 1
+
+
+def test_coda_orthogonality_penalty_leaves_earlier_components_alone(tiny_npz, tmp_path):
+    trainer = _trainer(tiny_npz, tmp_path, "coda_prompt")
+    trainer.method.params.ortho_mu = 1.0
+    trainer._add_heads_until(1)
+    ctx = trainer.context(1)
+    trainer.method.before_task(trainer.model, ctx)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([2, 3, 2, 3])
+    trainer.model.train()
+    trainer.method.training_loss(trainer.model, images, labels, ctx).backward()
+    layer = trainer.model.prompts[0]
+    for tensor in (layer.components, layer.keys, layer.attention):  # zoo.py:151-153: earlier rows detached
+        assert tensor.grad[:2].abs().sum() == 0 and tensor.grad[2:4].abs().sum() > 0
+
+
+def test_l2p_prompt_init_range(tiny_npz, tmp_path):
+    trainer = _trainer(tiny_npz, tmp_path, "l2p")  # default: the JAX code's U[0, 0.01)
+    trainer._add_heads_until(0)
+    pool = trainer.model.prompts
+    for tensor in (pool.prompts, pool.keys):
+        assert 0 <= tensor.min() and tensor.max() < 0.01 and tensor.std() > 0.002
+    recipe = tiny_recipe(tiny_npz, tmp_path / "port", method="l2p", backbone={"replace_final_norm": False})
+    recipe["method"]["params"] = {**PARAMS["l2p"], "prompt_init_range": [-1.0, 1.0]}  # the PyTorch port
+    port_trainer = Trainer(config_from_dict(recipe))
+    port_trainer._add_heads_until(0)
+    port = port_trainer.model.prompts
+    assert port.keys.min() < -0.5 and port.keys.max() > 0.5
+
+
+def test_dualprompt_batchwise_matching_takes_the_majority(tiny_npz, tmp_path):
+    trainer = _trainer(tiny_npz, tmp_path, "dualprompt")
+    trainer._add_heads_until(0)
+    method, model = trainer.method, trainer.model
+    query = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]).repeat(1, 32)  # 64-d
+    with torch.no_grad():
+        model.prompts.e_keys.zero_()
+        model.prompts.e_keys[0, :2] = torch.tensor([1.0, 0.0])
+        model.prompts.e_keys[1, :2] = torch.tensor([0.0, 1.0])
+    method.params.batchwise_prompt = False
+    assert method.match(model, query).tolist() == [0, 0, 1]
+    assert method.evaluation_batch() is None
+    method.params.batchwise_prompt = True
+    assert method.match(model, query).tolist() == [0, 0, 0]
+    assert method.evaluation_batch() == 24  # the official test batch (cifar100_dualprompt.py:4)

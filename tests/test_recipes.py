@@ -36,14 +36,26 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
         assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k" and cfg.backbone.pretrained
         if cfg.method.name not in ("l2p", "dualprompt"):  # their own epochs
             assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
-    if cfg.method.name in ("l2p", "dualprompt", "coda_prompt"):
+    cifar = recipe.parent.name == "cifar100"
+    if cfg.method.name in ("l2p", "dualprompt", "coda_prompt", "inflora"):
         assert cfg.backbone.replace_final_norm is False and cfg.train.optimizer == "adam"
-    if cfg.method.name == "dualprompt":
-        assert cfg.method.params.e_length == (5 if recipe.parent.name == "cifar100" else 20)
+    if cfg.method.name == "dualprompt":  # dualprompt-pytorch configs: lr x batch / 256, clip 1, batch-wise on CIFAR
+        assert cfg.method.params.e_length == (5 if cifar else 20) and cfg.train.batch_size == 24
+        assert cfg.train.lr == pytest.approx((0.03 if cifar else 0.005) * 24 / 256) and cfg.train.grad_clip == 1.0
+        assert cfg.method.params.batchwise_prompt is cifar and cfg.train.epochs == (5 if cifar else 50)
+    if cfg.method.name == "l2p":  # CIFAR: the JAX config; others: DualPrompt's ImageNet-R protocol
+        assert cfg.method.params.prompt_init_range == [0.0, 0.01] and cfg.train.grad_clip == 1.0
+        assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs) == ((0.015, 128, 5) if cifar else
+                                                                          (0.005 * 24 / 256, 24, 50))
+    if cfg.method.name in ("coda_prompt", "inflora"):
+        assert cfg.train.scheduler == "coda_cosine" and cfg.train.batch_size == 128
     if cfg.method.name == "inflora":
-        assert cfg.train.optimizer == "adam" and cfg.train.lr == 5e-4 and cfg.train.scheduler == "cosine"
-        assert cfg.method.params.rank == 10 and cfg.method.params.lamb == (0.95 if recipe.parent.name == "cifar100"
-                                                                          else 0.98)
+        assert cfg.train.lr == 5e-4
+        assert cfg.method.params.rank == 10 and cfg.method.params.lamb == (0.95 if cifar else 0.98)
+    if cfg.method.name == "slca_pp":  # the released code trains the qkv LoRA only
+        assert cfg.adapter.target_modules == r"blocks\.\d+\.attn\.qkv"
+        hard = recipe.parent.name in ("imagenet_r", "cars196")
+        assert cfg.method.params.ca_weight_decay == (0.0 if hard else 5e-4)
     if cfg.method.name in ("slca", "slca_pp"):
         assert cfg.method.params.logit_norm_tau == (0.05 if recipe.parent.name == "cars196" else 0.1)
 

@@ -28,6 +28,15 @@ def test_reverse_cross_entropy_hand_computed():
     assert reverse_cross_entropy(logits, torch.tensor([0])).item() == pytest.approx(-math.log(1e-4) * 0.75)
 
 
+def test_reverse_cross_entropy_clamps_probabilities_at_1e7():
+    """slca_pp.py:125: a probability below 1e-7 counts as 1e-7 (the unclamped value would be ~9e-14 * 9.2)."""
+    logits = torch.tensor([[0.0, 30.0]], requires_grad=True)  # p_0 = e^-30 ~ 9.4e-14
+    loss = reverse_cross_entropy(logits, torch.tensor([1]))
+    assert loss.item() == pytest.approx(-math.log(1e-4) * 1e-7, rel=1e-4)
+    loss.backward()
+    assert logits.grad.abs().max() == 0  # clamped: no gradient through p_0, and p_1's term is log(1) = 0
+
+
 def test_svd_init_spans_the_top_singular_directions(tiny_npz, tmp_path):
     trainer = _trainer(tiny_npz, tmp_path)
     assert trainer.model.backbone.blocks[0].attn.qkv.scaling["default"] == pytest.approx(0.8)

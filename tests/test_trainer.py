@@ -40,6 +40,26 @@ def test_every_method_runs_end_to_end(tiny_npz, tmp_path, method):
         assert (run_dir / name).stat().st_size > 0
     assert set(saved["tasks"][1]["seconds"]) >= {"evaluation"}
     assert saved["tasks"][0]["peak_memory_mib"] > 0
+    # Accuracy does not depend on how the test set is batched (the run used eval_batch_size 32).
+    ctx = trainer.context(2)
+    trainer.config.train.eval_batch_size = 5
+    assert trainer.evaluate(ctx) == (results["correct"][-1], results["totals"])
+    group = trainer.method.evaluation_batch()
+    assert saved["evaluation"]["batch"] == group
+    if group is None:  # per-sample methods: the same logits whatever the batch
+        images = torch.cat([batch for batch, _ in trainer.iterate_images(list(range(6)), "test", 36)])
+        with torch.no_grad():
+            whole = trainer.method.predict(trainer.model, images, ctx)
+            pieces = torch.cat([trainer.method.predict(trainer.model, images[i:i + 5], ctx) for i in range(0, 36, 5)])
+        assert torch.allclose(whole, pieces, atol=1e-4)
+
+
+def test_batch_dependent_methods_are_evaluated_per_task_in_whole_batches():
+    from slca_kit.trainer import per_task_batches
+
+    assert per_task_batches(7, 3, 0, 1) == [[0, 1, 2], [3, 4, 5], [6]]
+    two = per_task_batches(7, 3, 0, 2) + per_task_batches(7, 3, 1, 2)
+    assert sorted(two) == per_task_batches(7, 3, 0, 1)  # any number of processes: the same batches
 
 
 def test_learns_the_first_task(tiny_npz, tmp_path):

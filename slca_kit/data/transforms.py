@@ -1,4 +1,4 @@
-"""The SLCA reference transforms (slca.md, "Transforms"), scaled from 224 px to ``data.image_size``."""
+"""The SLCA reference transforms (GengDavid/SLCA utils/data.py), scaled from 224 px to ``data.image_size``."""
 from __future__ import annotations
 
 from torchvision import transforms as T
@@ -18,9 +18,9 @@ def build_transforms(cfg: DataConfig) -> tuple[T.Compose, T.Compose]:
     """Return (train, test) transforms for the preset ``cfg.transform``."""
     size = cfg.image_size
     finish = [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
-    test_resize = T.Resize(_scaled(size, 256), interpolation=BICUBIC if cfg.transform == "cifar" else
-                           InterpolationMode.BILINEAR)
-    test = T.Compose([test_resize, T.CenterCrop(size), *finish])
+    # Resize(256, interpolation=3) = bicubic on every benchmark, also for the features of the class statistics
+    # (GengDavid/SLCA utils/data.py:63 CIFAR, :131 ImageNet-R, :159 CUB, :185 Cars).
+    test = T.Compose([T.Resize(_scaled(size, 256), interpolation=BICUBIC), T.CenterCrop(size), *finish])
     if cfg.transform == "cifar":
         train = [T.RandomResizedCrop(size, interpolation=BICUBIC), T.RandomHorizontalFlip(),
                  T.ColorJitter(brightness=63 / 255)]

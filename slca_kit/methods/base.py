@@ -133,6 +133,14 @@ class Method:
         """Logits over all seen classes."""
         return model(images)
 
+    def evaluation_batch(self) -> int | None:
+        """None (default): ``predict`` classifies each image on its own, so accuracy does not depend on how the test
+        set is batched. A method whose prediction for an image depends on the other images in its batch (batch-wise
+        prompt selection) returns the official test batch size instead: the trainer then evaluates each task's test
+        images separately, in consecutive batches of that size, as the official code does, whatever
+        ``train.eval_batch_size`` and the number of processes."""
+        return None
+
     def predict_task(self, model: "ContinualModel", images: torch.Tensor, task: int, ctx: TaskContext) -> torch.Tensor:
         """Logits over task ``task``'s classes only, knowing the task id (task-incremental evaluation)."""
         offset = ctx.scenario.task_offset(task)

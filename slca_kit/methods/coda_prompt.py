@@ -1,9 +1,10 @@
-"""CODA-Prompt (Smith et al., CVPR 2023) on a frozen timm ViT (baselines.md, "CODA-Prompt").
+"""CODA-Prompt (Smith et al., CVPR 2023) on a frozen timm ViT (GT-RIPL/CODA-Prompt models/zoo.py, CodaPrompt).
 
 In blocks 0-4 the prefix is an attention-weighted sum of prompt components: weight_k = cos(q * A_k, K_k) with the
 frozen query q, prompt = sum_k weight_k P_k; its first half is the key prefix and the second half the value prefix.
 Each task adds pool / tasks new components (Gram-Schmidt initialised, orthogonal to the earlier ones); earlier
-components are detached while a later task trains. Optional orthogonality penalty (0 in the published scripts).
+components are detached while a later task trains, also inside the optional orthogonality penalty (0 in the
+published scripts). Recipes use CODA's quarter-cosine schedule (``train.scheduler: coda_cosine``).
 """
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ class CodaPrompt(Method):
 
     @dataclass
     class Params:
-        layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # baselines.md, CODA-Prompt
+        layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # e_layers, models/zoo.py CodaPrompt
+        # --prompt_param 100 8 0.0 = pool, length, ortho_mu (experiments/cifar-100.sh:29, imagenet-r.sh)
         pool_size: int = 100
         length: int = 8
-        ortho_mu: float = 0.0  # 0 in the published scripts
+        ortho_mu: float = 0.0
 
     def __init__(self, params, config):
         super().__init__(params, config)
@@ -92,11 +94,14 @@ class CodaPrompt(Method):
                                                                generator).to(flat)
         self.active = (start, end)
 
-    def _layer_prompt(self, layer: CodaLayerPrompts, query: torch.Tensor) -> torch.Tensor:
+    def _visible(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Components 0..end of the current task, earlier tasks' detached (GT-RIPL/CODA-Prompt models/zoo.py:149-161;
+        the same slice at test, :158-161, where nothing trains)."""
         start, end = self.active
-        def visible(tensor):  # earlier tasks' components are frozen: detached
-            return torch.cat([tensor[:start].detach(), tensor[start:end]])
-        keys, attention, components = visible(layer.keys), visible(layer.attention), visible(layer.components)
+        return torch.cat([tensor[:start].detach(), tensor[start:end]])
+
+    def _layer_prompt(self, layer: CodaLayerPrompts, query: torch.Tensor) -> torch.Tensor:
+        keys, attention, components = (self._visible(t) for t in (layer.keys, layer.attention, layer.components))
         attended = F.normalize(query[:, None, :] * attention[None], dim=2)  # [B, k, d]
         weights = (attended * F.normalize(keys, dim=1)[None]).sum(dim=2)  # cosine, [B, k]
         return torch.einsum("bk,kld->bld", weights, components)
@@ -119,10 +124,11 @@ class CodaPrompt(Method):
 
     def training_loss(self, model, images, labels, ctx: TaskContext) -> torch.Tensor:
         loss = super().training_loss(model, images, labels, ctx)
-        if self.params.ortho_mu > 0:
-            start, end = self.active
+        if self.params.ortho_mu > 0:  # on the detached-earlier slices, as zoo.py:179-182: old components stay put
             for layer in model.prompts:
+                keys, attention, components = (self._visible(t) for t in (layer.keys, layer.attention,
+                                                                           layer.components))
                 loss = loss + self.params.ortho_mu * (
-                    orthogonality_penalty(layer.keys[:end]) + orthogonality_penalty(layer.attention[:end])
-                    + orthogonality_penalty(layer.components[:end].flatten(1)))
+                    orthogonality_penalty(keys) + orthogonality_penalty(attention)
+                    + orthogonality_penalty(components.flatten(1)))
         return loss

@@ -1,4 +1,5 @@
-"""DualPrompt (Wang et al., ECCV 2022) on a frozen timm ViT (baselines.md, "DualPrompt").
+"""DualPrompt (Wang et al., ECCV 2022) on a frozen timm ViT (JH-LEE-KR/dualprompt-pytorch, the PyTorch port the
+SLCA paper compares with; google-research/l2p configs/*_dualprompt.py, the JAX original, has the same values).
 
 A shared G-prompt (prefix-tuning in blocks 0-1) and a pool of task E-prompts (prefix-tuning in blocks 2-4), each
 prompt holding a key half and a value half. Training uses the E-prompt of the task id and pulls its key toward the
@@ -16,12 +17,14 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.prompts import PromptedViT
 from .base import Method, TaskContext
+from .l2p import select_top_k
 
 
 class DualPrompts(nn.Module):
     def __init__(self, g_layers: int, e_layers: int, pool: int, g_length: int, e_length: int, dim: int):
         super().__init__()
-        # (layers, 2 = key/value, length, dim) and (layers, 2, pool, length, dim), uniform init as the port
+        # (layers, 2 = key/value, length, dim) and (layers, 2, pool, length, dim); U(-1, 1) for prompts and keys
+        # as the port (JH-LEE-KR/dualprompt-pytorch prompt.py:35, :60; configs prompt_key_init 'uniform')
         self.g = nn.Parameter(torch.empty(g_layers, 2, g_length, dim).uniform_(-1, 1))
         self.e = nn.Parameter(torch.empty(e_layers, 2, pool, e_length, dim).uniform_(-1, 1))
         self.e_keys = nn.Parameter(torch.empty(pool, dim).uniform_(-1, 1))
@@ -31,14 +34,20 @@ class DualPrompt(Method):
     name = "dualprompt"
     ddp_find_unused_parameters = True  # other tasks' E-prompts get no gradient
 
+    # Defaults: JH-LEE-KR/dualprompt-pytorch configs/cifar100_dualprompt.py (imr_dualprompt.py where noted).
     @dataclass
     class Params:
-        g_layers: list[int] = field(default_factory=lambda: [0, 1])  # baselines.md, DualPrompt
-        g_length: int = 5
-        e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
-        e_pool_size: int = 10
-        e_length: int = 5  # CIFAR 5, ImageNet-R 20
-        pull_coeff: float = 1.0
+        g_layers: list[int] = field(default_factory=lambda: [0, 1])  # g_prompt_layer_idx
+        g_length: int = 5  # :79
+        e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # e_prompt_layer_idx
+        e_pool_size: int = 10  # :90 --size
+        e_length: int = 5  # :91; ImageNet-R 20 (imr_dualprompt.py:91)
+        pull_coeff: float = 1.0  # :104
+        # Test-time E-prompt choice: True = the id most often matched in the batch (CIFAR, :100), False = per
+        # sample (ImageNet-R, imr_dualprompt.py:100). Batch-wise, the official code evaluates each task's test set
+        # separately (engine.py:150-152) in batches of --batch-size 24 (:4, datasets.py:94-97).
+        batchwise_prompt: bool = True
+        test_batch_size: int = 24
 
     def __init__(self, params, config):
         super().__init__(params, config)
@@ -58,8 +67,13 @@ class DualPrompt(Method):
             model.feature_fn = lambda images: self.prompted_features(model, images)
 
     def match(self, model, query: torch.Tensor) -> torch.Tensor:
-        """Test-time E-prompt ids: the key most cosine-similar to each query."""
-        return (F.normalize(query, dim=1) @ F.normalize(model.prompts.e_keys, dim=1).T).argmax(dim=1)
+        """Test-time E-prompt ids: the key most cosine-similar to each query, or with ``batchwise_prompt`` the id
+        matched most often in the batch (prompt.py:97-111)."""
+        chosen, _ = select_top_k(query, model.prompts.e_keys, 1, self.params.batchwise_prompt)
+        return chosen[:, 0]
+
+    def evaluation_batch(self) -> int | None:
+        return self.params.test_batch_size if self.params.batchwise_prompt else None
 
     def prompted_features(self, model, images: torch.Tensor) -> torch.Tensor:
         prompts = model.prompts

@@ -1,4 +1,4 @@
-"""InfLoRA (Liang & Li, CVPR 2024), a LoRA baseline (baselines.md, "InfLoRA").
+"""InfLoRA (Liang & Li, CVPR 2024), a LoRA baseline (liangyanshuo/InfLoRA methods/inflora.py, models/sinet_inflora.py).
 
 Each task adds a LoRA branch to the K and V parts of every block's ``qkv``: ``W_kv + B_t A_t``. A_t (rank 10) is
 designed, not trained: the top-r eigenvectors of the task's input covariance after projecting off the subspace
@@ -46,7 +46,8 @@ class InfLoRAQKV(nn.Module):
 class DualGPM:
     """The subspace of earlier tasks' layer inputs (Saha et al. 2021, dual form as in InfLoRA): stores an
     orthonormal basis of the subspace while it is at most half the dimension ("remove"), else of its orthogonal
-    complement ("retain"). Works on input covariances C = sum x x^T (same eigenvectors as the input matrix)."""
+    complement ("retain"). It works on the input covariance C (d x d) as the official code does, and measures
+    energy by the SQUARED singular values of C (liangyanshuo/InfLoRA methods/inflora.py:321-411, ``S**2``)."""
 
     def __init__(self, dim: int):
         self.dim = dim
@@ -60,38 +61,46 @@ class DualGPM:
         return outer if self.mode == "remove" else eye - outer
 
     def project_off(self, covariance: torch.Tensor) -> torch.Tensor:
-        """(I - P) C: what InfLoRA decomposes to design a new task's A."""
+        """(I - P) C: what InfLoRA decomposes to design a new task's A (inflora.py:148-153)."""
         return covariance - self.projector() @ covariance
 
     def update(self, covariance: torch.Tensor, threshold: float) -> int:
-        """Add the fewest new directions so the subspace holds ``threshold`` of the task's input energy;
-        returns how many were added."""
+        """Add directions of the task's inputs until the subspace holds ``threshold`` of their energy (sum of
+        squared singular values of C); returns how many were added."""
         covariance = covariance.to(torch.float64)
-        total = torch.trace(covariance)
-        residual_op = torch.eye(self.dim, dtype=torch.float64) - self.projector()
-        residual = residual_op @ covariance @ residual_op
-        values, vectors = torch.linalg.eigh(0.5 * (residual + residual.T))
-        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-        captured = (total - torch.trace(residual)) / total
-        added = 0
-        for value in values:
-            if captured >= threshold:
-                break
-            captured += value / total
-            added += 1
-        if added == 0:
-            return 0
-        new = vectors[:, :added]
-        if self.mode == "remove":
-            self.basis = torch.linalg.qr(torch.cat([self.basis, new], dim=1)).Q
-        else:  # the new directions leave the stored complement
-            shrunk = self.basis - new @ (new.T @ self.basis)
-            left, _, _ = torch.linalg.svd(shrunk, full_matrices=False)
-            self.basis = left[:, : self.basis.shape[1] - added]
-        if self.mode == "remove" and self.basis.shape[1] > self.dim // 2:
-            complement = torch.eye(self.dim, dtype=torch.float64) - self.basis @ self.basis.T
-            values, vectors = torch.linalg.eigh(complement)
-            self.basis, self.mode = vectors[:, values > 0.5], "retain"
+        total = (torch.linalg.svdvals(covariance) ** 2).sum()
+        if self.basis.shape[1] == 0:  # first task (inflora.py:325-338): r = #{k: cumsum(ratio)_k < threshold}
+            left, values, _ = torch.linalg.svd(covariance, full_matrices=False)
+            ratios = values ** 2 / total
+            added = max(int((torch.cumsum(ratios, 0) < threshold).sum()), 1)
+            self.basis = left[:, :added]
+        elif self.mode == "remove":  # inflora.py:341-367: grow the basis with top directions of (I - P) C
+            left, values, _ = torch.linalg.svd(self.project_off(covariance), full_matrices=False)
+            ratios = values ** 2 / total
+            captured = 1 - ratios.sum()
+            added = 0
+            while added < len(ratios) and captured < threshold:
+                captured += ratios[added]
+                added += 1
+            if added:
+                self.basis = torch.cat([self.basis, left[:, :added]], dim=1)[:, : self.dim]
+        else:  # retain, inflora.py:369-398: drop from the stored complement the directions that carry energy
+            inside = self.basis @ self.basis.T @ covariance
+            left, values, _ = torch.linalg.svd(inside, full_matrices=False)
+            ratios = values ** 2 / total
+            remaining = ratios.sum()
+            added = 0
+            while added < len(ratios) and remaining >= 1 - threshold:
+                remaining -= ratios[added]
+                added += 1
+            if added:
+                new = left[:, :added]
+                shrunk = self.basis - new @ (new.T @ self.basis)
+                kept = self.basis.shape[1] - added
+                self.basis = torch.linalg.svd(shrunk, full_matrices=True)[0][:, :kept]
+        if self.mode == "remove" and self.basis.shape[1] > self.dim / 2:  # inflora.py:402-408: store the complement
+            full = torch.linalg.svd(self.basis, full_matrices=True)[0]
+            self.basis, self.mode = full[:, self.basis.shape[1]:], "retain"
         return added
 
     def state_dict(self) -> dict:
@@ -110,11 +119,12 @@ def design_down_projection(covariance: torch.Tensor, memory: DualGPM, rank: int)
 class InfLoRA(Method):
     name = "inflora"
 
+    # liangyanshuo/InfLoRA configs/cifar100_inflora.json (mimg10_inflora.json: ImageNet-R)
     @dataclass
     class Params:
-        rank: int = 10  # baselines.md, InfLoRA
+        rank: int = 10  # "rank": 10
         lamb: float = 0.95  # DualGPM threshold at the first task: 0.95 CIFAR, 0.98 ImageNet-R
-        lame: float = 1.0  # threshold at the last task; (lame - lamb) t / T + lamb in between
+        lame: float = 1.0  # threshold at the last task; (lame - lamb) t / T + lamb in between (inflora.py:322)
 
     def __init__(self, params, config):
         super().__init__(params, config)

@@ -1,4 +1,5 @@
-"""L2P: Learning to Prompt (Wang et al., CVPR 2022), on a frozen timm ViT (baselines.md, "L2P").
+"""L2P: Learning to Prompt (Wang et al., CVPR 2022), on a frozen timm ViT (google-research/l2p, the official JAX
+code; JH-LEE-KR/l2p-pytorch, its PyTorch port).
 
 A pool of prompts with learnable keys; the query is the frozen ViT's own CLS feature without prompts; the top-k
 prompts by cosine similarity are prepended to the patch tokens (prompt-tuning at layer 0) and the classifier reads
@@ -7,12 +8,13 @@ train-time mask) minus ``pull_coeff`` x the mean cosine between the selected key
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.prompts import PromptedViT
 from .base import Method, TaskContext
 
@@ -31,23 +33,33 @@ def select_top_k(query: torch.Tensor, keys: torch.Tensor, top_k: int, batchwise:
 
 
 class PromptPool(nn.Module):
-    def __init__(self, pool_size: int, length: int, dim: int):
+    def __init__(self, pool_size: int, length: int, dim: int, init_range: tuple[float, float]):
         super().__init__()
-        self.prompts = nn.Parameter(torch.empty(pool_size, length, dim).uniform_(-1, 1))  # prompt_init uniform
-        self.keys = nn.Parameter(torch.empty(pool_size, dim).uniform_(-1, 1))
+        low, high = init_range
+        self.prompts = nn.Parameter(torch.empty(pool_size, length, dim).uniform_(low, high))
+        self.keys = nn.Parameter(torch.empty(pool_size, dim).uniform_(low, high))
 
 
 class L2P(Method):
     name = "l2p"
     ddp_find_unused_parameters = True  # prompts not selected in a step get no gradient
 
+    # Defaults: the official JAX config, google-research/l2p configs/cifar100_l2p.py (the PyTorch port
+    # JH-LEE-KR/l2p-pytorch configs/cifar100_l2p.py differs where noted).
     @dataclass
     class Params:
-        pool_size: int = 10  # baselines.md, L2P (official)
-        length: int = 10  # official 10 (the PyTorch port uses 5)
-        top_k: int = 4  # official 4 (port: 5)
-        pull_coeff: float = 1.0  # official 1.0 (port: 0.1)
-        batchwise_prompt: bool = True
+        pool_size: int = 10  # cifar100_l2p.py:99
+        length: int = 10  # :100 (port: 5)
+        top_k: int = 4  # :101 (port: 5)
+        pull_coeff: float = 1.0  # :122 (port: 0.1)
+        batchwise_prompt: bool = True  # :109, at train and test
+        # Prompts and keys ~ U[low, high): flax nn.initializers.uniform() = U[0, 0.01) in the JAX code
+        # (models/prompt.py:137 prompt_init, :197-198 prompt_key_init "uniform"); the port uses U(-1, 1)
+        # (l2p-pytorch prompt.py:35, :60) together with its other values.
+        prompt_init_range: list[float] = field(default_factory=lambda: [0.0, 0.01])
+        # Batch-wise selection makes a test prediction depend on its batch: the official code evaluates each
+        # task's test set separately (train_continual.py:458-473) in per-device batches of 16 (cifar100_l2p.py:25).
+        test_batch_size: int = 16
 
     def __init__(self, params, config):
         super().__init__(params, config)
@@ -56,7 +68,11 @@ class L2P(Method):
 
     def grow(self, model, ctx: TaskContext) -> None:
         if self.prompted is None:
-            model.prompts = PromptPool(self.params.pool_size, self.params.length, model.backbone.num_features)
+            if len(self.params.prompt_init_range) != 2:
+                raise ConfigError(f"method.params.prompt_init_range: expected [low, high], got "
+                                  f"{self.params.prompt_init_range}")
+            model.prompts = PromptPool(self.params.pool_size, self.params.length, model.backbone.num_features,
+                                       tuple(self.params.prompt_init_range))
             model.prompts.to(next(model.backbone.parameters()).device)
             self.prompted = PromptedViT(model.backbone)
             model.feature_fn = lambda images: self.prompted_features(model, images)
@@ -69,6 +85,9 @@ class L2P(Method):
             output = model.backbone.forward_features(images)
         self._pull = similarity.gather(1, chosen).sum() / images.shape[0]  # reduce_sim of the reference
         return output[:, : tokens.shape[1]].mean(dim=1)
+
+    def evaluation_batch(self) -> int | None:
+        return self.params.test_batch_size if self.params.batchwise_prompt else None
 
     def before_task(self, model, ctx: TaskContext) -> None:
         super().before_task(model, ctx)

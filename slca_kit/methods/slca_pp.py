@@ -1,8 +1,11 @@
-"""SLCA++ (Zhang et al., arXiv 2408.08295): SLCA with a "hybrid slow learner", as the reference code does it
-(slca.md, "SLCA++ differences"):
+"""SLCA++ (Zhang et al., arXiv 2408.08295): SLCA with a "hybrid slow learner", as the released code does it
+(GengDavid/SLCA models/slca_pp.py, convs/vits.py):
 
-- one LoRA shared by all tasks, rank 4, fixed scale 0.8, on qkv / fc1 / fc2, never merged; at task 0 its A is set
-  to the top-r right singular vectors of W (B = 0); trained with the norms, biases and cls token;
+- one LoRA shared by all tasks, rank 4, fixed scale 0.8, never merged; at task 0 its A is set to the top-r right
+  singular vectors of W (B = 0); trained with the norms, biases and cls token. The released code defines LoRA on
+  qkv, fc1 and fc2 (convs/vits.py:202-264) but its optimizer collects only parameters named ``lora_A``/``lora_B``
+  (models/slca_pp.py:149-150), i.e. the qkv LoRA; the MLP LoRA (``lora_1_*``, ``lora_2_*``) never moves from
+  B = 0. The recipes therefore target qkv only; qkv + fc1 + fc2 is the documented option;
 - learning rates: LoRA 0.01 x 0.5 at task 0 and 0.01 x 0.1 later, other backbone parameters 1e-3, head 0.01;
 - loss: symmetric cross-entropy a * CE + b * RCE on the current task's logits;
 - alignment without mean shrink; each sampled feature of task t is divided by 1 + s (T - t),
@@ -22,9 +25,11 @@ from .base import TaskContext
 from .slca import SLCA
 
 
-def reverse_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
-    """RCE = -sum_k p_k log(clamp(onehot_k, floor, 1)) = -log(floor) * (1 - p_target), averaged over the batch."""
-    probabilities = F.softmax(logits, dim=1)
+def reverse_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, floor: float = 1e-4,
+                          probability_floor: float = 1e-7) -> torch.Tensor:
+    """RCE = -sum_k clamp(p_k, 1e-7, 1) log(clamp(onehot_k, 1e-4, 1)), averaged over the batch
+    (GengDavid/SLCA models/slca_pp.py:124-128: both clamps)."""
+    probabilities = F.softmax(logits, dim=1).clamp(min=probability_floor, max=1.0)
     onehot = F.one_hot(targets, logits.shape[1]).to(logits.dtype).clamp(min=floor, max=1.0)
     return -(probabilities * torch.log(onehot)).sum(dim=1).mean()
 
@@ -55,8 +60,8 @@ class SLCAPlusPlus(SLCA):
         lora_lr_scale_first: float = 0.5  # LoRA lr 0.01 x 0.5 at task 0 (slca.md)
         lora_lr_scale: float = 0.1  # ... and 0.01 x 0.1 afterwards
         svd_init: bool = True  # A = top-r right singular vectors of W at task 0
-        ce_weight: float = 1.0  # a: 1.0 CIFAR/CUB, 0.5 IN-R/Cars (slca.md)
-        rce_weight: float = 0.1  # b: 0.1 CIFAR/CUB, 0.5 IN-R/Cars
+        ce_weight: float = 1.0  # sce_a: 1.0 CIFAR/CUB, 0.5 IN-R/Cars (exps/slcapp/*_lora.json)
+        rce_weight: float = 0.1  # sce_b: 0.1 CIFAR/CUB, 0.5 IN-R/Cars
         mean_shrink: bool = False  # SLCA++ drops the mean shrink (slca.md)
         ca_age_scale: float = 0.02  # s = 0.02 + U(-0.01, 0.01)
         ca_age_scale_jitter: float = 0.01
