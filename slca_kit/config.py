@@ -38,8 +38,13 @@ class DataConfig:
     array_keys: dict[str, str] = field(
         default_factory=lambda: {"train_x": "train_x", "train_y": "train_y", "test_x": "test_x", "test_y": "test_y"}
     )
-    # For datasets with a single split (ImageNet-R): per-class deterministic train/test split.
-    test_fraction: float | None = None
+    # Which images train and which test (slca_kit/data/splits.py): official (the source's own splits) | reference
+    # (the SLCA reference's: Cars-196 swapped, ImageNet-R dualprompt) | stratified (test_fraction of each class)
+    # | dualprompt (ImageNet-R's random_split of dualprompt-pytorch) | coda (CODA-Prompt's lists, split_lists).
+    # None: stratified when test_fraction is set, else official.
+    split: str | None = None
+    split_lists: list[str] = field(default_factory=list)  # coda: [train list, test list] (CODA-Prompt YAML files)
+    test_fraction: float | None = None  # stratified: fraction of each class's images that test
     split_seed: int = 0
     num_classes: int | None = None  # declared class count, checked against the data
     transform: str = "none"  # reference transform preset: cifar | imagenet_r | cub_cars | none
@@ -83,7 +88,7 @@ class AdapterConfig:
     """A peft adapter on the backbone. Keys not listed here are options of the peft config class (e.g. ``r``,
     ``lora_alpha``, ``lora_dropout`` for LoRA) and may be written inline in the recipe's ``adapter:`` block."""
 
-    type: str | None = None  # lora | dora | ia3 | loha | lokr | oft | boft | hra; None: no adapter
+    type: str | None = None  # a peft type name (lora, dora, ia3, loha, lokr, oft, boft, hra, vera, ...); None: none
     # A string is a regex matched against full module names (peft: re.fullmatch); it never hits
     # patch_embed.proj unless asked (libraries.md: a plain "proj" target would also adapt the Conv2d).
     target_modules: str | list[str] = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
@@ -297,7 +302,7 @@ def expand_env(text: str) -> str:
     return _ENV_PATTERN.sub(replace, text)
 
 
-PATH_KEYS = (("data", "path"), ("backbone", "weights"), ("backbone", "card"))
+PATH_KEYS = (("data", "path"), ("backbone", "weights"), ("backbone", "card"))  # ${VAR} expanded
 
 
 def config_from_dict(data: dict) -> Config:
@@ -353,6 +358,15 @@ def validate_config(cfg: Config) -> None:
     _check_positive(cfg.train.keep_checkpoints, "train.keep_checkpoints")
     _check_positive(cfg.scenario.init_classes, "scenario.init_classes")
     _check_positive(cfg.scenario.num_tasks, "scenario.num_tasks")
+    splits = ("official", "reference", "stratified", "dualprompt", "coda")
+    if cfg.data.split is not None and cfg.data.split not in splits:
+        raise ConfigError(f"data.split: {cfg.data.split!r} is not one of {', '.join(splits)}")
+    if cfg.data.split == "coda" and len(cfg.data.split_lists) != 2:
+        raise ConfigError("data.split_lists: split coda needs [train list, test list], the files "
+                          "dataloaders/splits/imagenet-r_{train,test}.yaml of GT-RIPL/CODA-Prompt")
+    for listed in cfg.data.split_lists:
+        if not Path(listed).is_file():
+            raise ConfigError(f"data.split_lists: file not found: {listed}")
     if cfg.data.test_fraction is not None and not 0 < cfg.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction: must be between 0 and 1, got {cfg.data.test_fraction}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:

@@ -484,6 +484,7 @@ class Trainer:
             "task_sizes": list(self.scenario.task_sizes),
             "class_order": list(self.scenario.class_order),
             "skipped_images": {"count": len(self.data.skipped), "first": self.data.skipped[:20]},
+            "data_split": self.data.split,  # split name, sizes, test-set fingerprint
             "setting": "class-incremental",  # the top-level accuracies: no task id at test
             "evaluation": self.evaluation_protocol(),
             **matrix.summary(),

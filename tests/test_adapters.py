@@ -13,7 +13,7 @@ from slca_kit import checkpoint as ckpt
 from slca_kit.config import AdapterConfig, BackboneConfig, config_from_dict
 from slca_kit.errors import ConfigError
 from slca_kit.models import build_model
-from slca_kit.models.adapters import load_adapter_state_dict
+from slca_kit.models.adapters import adapter_types, load_adapter_state_dict
 from slca_kit.trainer import ADAPTER_FILE, Trainer
 
 from conftest import TINY_VIT, tiny_recipe
@@ -36,12 +36,39 @@ def test_inline_options_go_to_the_peft_config():
 
 
 def test_unknown_adapter_type_and_option():
-    with pytest.raises(ConfigError, match="adapter.type: 'lorra' is not one of"):
+    with pytest.raises(ConfigError, match="adapter.type: 'lorra' is not a peft tuner"):
         _model(_adapter(type="lorra"))
     with pytest.raises(ConfigError, match="LoraConfig has no option 'lora_alfa' \\(did you mean 'lora_alpha'\\?\\)"):
         _model(_adapter(type="lora", lora_alfa=8))
-    with pytest.raises(ConfigError, match="adapter.target_modules"):
+    with pytest.raises(ConfigError, match="adapter: peft could not inject 'lora'.*nothing"):
         _model(_adapter(type="lora", target_modules=r"nothing\.matches"))
+
+
+def test_every_peft_tuner_is_offered_by_its_peft_type_name():
+    """The list comes from peft's registry, not a hand-kept one: each type either injects and adds trainable
+    parameters, or fails with one ConfigError line (e.g. a tuner whose layers need options the ViT lacks)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    types = adapter_types()
+    assert {"lora", "dora", "ia3", "loha", "lokr", "oft", "boft", "hra", "vera"} <= set(types)
+    assert "prompt_tuning" not in types and "prefix_tuning" not in types  # prompt learning: no layers to inject
+    assert len(types) >= len(PEFT_TYPE_TO_CONFIG_MAPPING) - 10
+    injected = []
+    for name in sorted(types):
+        try:
+            model = _model(_adapter(type=name))
+        except ConfigError as err:
+            assert "\n" not in str(err) and name in str(err)
+            continue
+        assert model.adapter_parameter_names, name
+        injected.append(name)
+    assert {"lora", "ia3", "loha", "lokr"} <= set(injected)
+
+
+def test_custom_modules_need_a_tuner_that_registers_them():
+    with pytest.raises(ConfigError, match="adapter.custom_modules: peft's IA3Config \(ia3\) takes no custom "
+                                          "layers; types that do: .*lora"):
+        _model(_adapter(type="ia3", custom_modules={"torch.nn.Linear": "torch.nn.Linear"}))
 
 
 def test_lora_with_zero_b_leaves_outputs_unchanged_and_skips_patch_embed():

@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from slca_kit.config import DataConfig
-from slca_kit.data.sources import load_data, stratified_split
+from slca_kit.data.sources import load_data
+from slca_kit.data.splits import stratified_split
 from slca_kit.data.task_data import EpochShuffleSampler, TaskDataset
 from slca_kit.data.transforms import build_transforms
 from slca_kit.errors import DataError

@@ -3,7 +3,10 @@
 GatedLoraLinear adds a learnable scalar gate per adapter, initialised at 0:
     y = W x + b + tanh(g) * (alpha / r) * B A x
 so the adapted model starts exactly equal to the pretrained one whatever A and B are, and training opens the gate.
-Use it from a recipe (this folder on PYTHONPATH):
+What it leaves out of peft's own LoRA ``Linear.forward``, on purpose, to stay short: DoRA (``use_dora``) and the
+other LoRA variants, ``lora_bias``, mixed-adapter batches (``adapter_names=``), and the dtype casting peft does
+for fp16/bf16 inputs (the update is computed in the adapter weights' dtype and added as is). Merging works, through
+``get_delta_weight``. Use it from a recipe (this folder on PYTHONPATH):
     adapter:
       type: lora
       r: 4

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..config import DataConfig
 from ..errors import DataError, UnreadableImage
+from .splits import dualprompt_split, fingerprint, listed_split, resolved_split, stratified_split
 
 
 class ImageSplit(abc.ABC):
@@ -32,6 +33,10 @@ class ImageSplit(abc.ABC):
     @abc.abstractmethod
     def image(self, index: int) -> Image.Image:
         """Decode image ``index`` as RGB."""
+
+    def sample_ids(self) -> list[str]:
+        """A name per image that identifies it across runs ("class-folder/file" where files have paths)."""
+        return [f"#{index:08d}" for index in range(len(self))]
 
 
 class ArraySplit(ImageSplit):
@@ -53,16 +58,13 @@ class HubSplit(ImageSplit):
     """A ``datasets.Dataset`` with an image column and an integer label column, decoded lazily here (not by
     ``datasets``) so that an unreadable file is reported with its path."""
 
-    def __init__(self, dataset: Any, image_column: str, label_column: str, name: str):
+    def __init__(self, dataset: Any, image_column: str, labels: np.ndarray, name: str):
         from datasets import Image as ImageFeature
 
-        for column in (image_column, label_column):
-            if column not in dataset.column_names:
-                raise DataError(
-                    f"{name}: no column {column!r}; columns are {dataset.column_names} "
-                    "(set data.image_column / data.label_column)"
-                )
-        super().__init__(np.asarray(dataset[label_column]), name)
+        if image_column not in dataset.column_names:
+            raise DataError(f"{name}: no column {image_column!r}; columns are {dataset.column_names} "
+                            "(set data.image_column)")
+        super().__init__(labels, name)
         if isinstance(dataset.features[image_column], ImageFeature):
             dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
         self.dataset = dataset
@@ -79,6 +81,36 @@ class HubSplit(ImageSplit):
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise UnreadableImage(self.name, source, str(err)) from None
 
+    def sample_ids(self) -> list[str]:
+        """"class-folder/file" from the stored paths (read from Arrow without the image bytes); row numbers when
+        the dataset stores no paths."""
+        import pyarrow.compute as pc
+
+        column = self.dataset.data.column(self.image_column)
+        try:
+            paths = pc.struct_field(column, "path").to_pylist()
+        except (TypeError, ValueError, KeyError, NotImplementedError):
+            return super().sample_ids()
+        if self.dataset._indices is not None:  # a selected / shuffled view: rows in the view's order
+            paths = [paths[row] for row in self.dataset._indices.column(0).to_pylist()]
+        return ["/".join(path.replace("\\", "/").split("/")[-2:]) if path else f"#{row:08d}"
+                for row, path in enumerate(paths)]
+
+
+class ConcatSplit(ImageSplit):
+    """Two splits as one (train then test), to be divided again by a named split."""
+
+    def __init__(self, first: ImageSplit, second: ImageSplit):
+        super().__init__(np.concatenate([first.labels, second.labels]), first.name)
+        self.parts = (first, second)
+
+    def image(self, index: int) -> Image.Image:
+        first, second = self.parts
+        return first.image(index) if index < len(first) else second.image(index - len(first))
+
+    def sample_ids(self) -> list[str]:
+        return self.parts[0].sample_ids() + self.parts[1].sample_ids()
+
 
 class SubsetSplit(ImageSplit):
     """A view of another split restricted to ``indices`` (used for made-up test splits and subsampling)."""
@@ -91,31 +123,22 @@ class SubsetSplit(ImageSplit):
     def image(self, index: int) -> Image.Image:
         return self.parent.image(int(self.indices[index]))
 
+    def sample_ids(self) -> list[str]:
+        ids = self.parent.sample_ids()
+        return [ids[int(index)] for index in self.indices]
+
 
 @dataclass
 class LoadedData:
     train: ImageSplit
-    test: ImageSplit
+    test: ImageSplit | None  # None: the source has one split, to be divided by ``data.split``
     class_names: list[str]
     skipped: list[dict] = field(default_factory=list)  # unreadable images left out (data.bad_images: skip)
+    split: dict = field(default_factory=dict)  # which split was made, sizes and the test set's fingerprint
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic per-class split: each class's indices are permuted with ``seed`` and the first
-    ``round(test_fraction * n)`` go to test. Per class, so every class appears in both splits."""
-    rng = np.random.RandomState(seed)
-    train, test = [], []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        members = members[rng.permutation(len(members))]
-        n_test = int(round(test_fraction * len(members)))
-        test.append(members[:n_test])
-        train.append(members[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def _load_digits(cfg: DataConfig) -> LoadedData:
@@ -123,10 +146,7 @@ def _load_digits(cfg: DataConfig) -> LoadedData:
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # pixel values are 0..16
-    whole = ArraySplit(images, digits.target, "digits")
-    train_idx, test_idx = stratified_split(whole.labels, cfg.test_fraction or 0.25, cfg.split_seed)
-    names = [str(name) for name in digits.target_names]
-    return LoadedData(SubsetSplit(whole, train_idx, "digits/train"), SubsetSplit(whole, test_idx, "digits/test"), names)
+    return LoadedData(ArraySplit(images, digits.target, "digits"), None, [str(name) for name in digits.target_names])
 
 
 def _load_arrays(cfg: DataConfig) -> LoadedData:
@@ -147,30 +167,35 @@ def _load_arrays(cfg: DataConfig) -> LoadedData:
 
 
 def _hub_splits(cfg: DataConfig, dataset_dict: Any, origin: str) -> LoadedData:
+    """The train split and, when the dataset has it, the test split. Integer labels (a ClassLabel's names when
+    declared) are used as they are; string labels (ImageNet-R's ``wnid`` on the Hub) become indices into their
+    sorted set, the order torchvision's ImageFolder gives class folders."""
     from datasets import ClassLabel
 
     if cfg.train_split not in dataset_dict:
         raise DataError(f"{origin}: no split {cfg.train_split!r}; splits are {list(dataset_dict)} (data.train_split)")
-    train_ds = dataset_dict[cfg.train_split]
-    feature = train_ds.features.get(cfg.label_column)
-    train = HubSplit(train_ds, cfg.image_column, cfg.label_column, f"{origin}/{cfg.train_split}")
-    if cfg.test_split in dataset_dict and cfg.test_fraction is None:
-        test = HubSplit(dataset_dict[cfg.test_split], cfg.image_column, cfg.label_column, f"{origin}/{cfg.test_split}")
-    elif cfg.test_fraction is not None:
-        whole = train
-        train_idx, test_idx = stratified_split(whole.labels, cfg.test_fraction, cfg.split_seed)
-        train = SubsetSplit(whole, train_idx, f"{origin}/train")
-        test = SubsetSplit(whole, test_idx, f"{origin}/test")
+    parts = {"train": dataset_dict[cfg.train_split]}
+    if cfg.test_split in dataset_dict and cfg.test_split != cfg.train_split:
+        parts["test"] = dataset_dict[cfg.test_split]
+    for part in parts.values():
+        if cfg.label_column not in part.column_names:
+            raise DataError(f"{origin}: no column {cfg.label_column!r}; columns are {part.column_names} "
+                            "(set data.label_column)")
+    raw = {key: np.asarray(part[cfg.label_column]) for key, part in parts.items()}
+    feature = parts["train"].features.get(cfg.label_column)
+    if any(values.dtype.kind in "UO" for values in raw.values()):
+        names = sorted({str(value) for values in raw.values() for value in values})
+        index = {name: position for position, name in enumerate(names)}
+        labels = {key: np.asarray([index[str(value)] for value in values], dtype=np.int64)
+                  for key, values in raw.items()}
     else:
-        raise DataError(
-            f"{origin}: no split {cfg.test_split!r}; splits are {list(dataset_dict)} "
-            "(set data.test_split, or data.test_fraction to split the training set)"
-        )
-    if isinstance(feature, ClassLabel):
-        names = list(feature.names)
-    else:
-        names = [str(i) for i in range(int(max(train.labels.max(), test.labels.max())) + 1)]
-    return LoadedData(train, test, names)
+        labels = raw
+        top = max(int(values.max()) for values in raw.values() if len(values)) if any(map(len, raw.values())) else -1
+        names = list(feature.names) if isinstance(feature, ClassLabel) else [str(i) for i in range(top + 1)]
+    splits = {key: HubSplit(part, cfg.image_column, labels[key],
+                            f"{origin}/{cfg.train_split if key == 'train' else cfg.test_split}")
+              for key, part in parts.items()}
+    return LoadedData(splits["train"], splits.get("test"), names)
 
 
 def _load_imagefolder(cfg: DataConfig) -> LoadedData:
@@ -180,11 +205,6 @@ def _load_imagefolder(cfg: DataConfig) -> LoadedData:
     if not root.is_dir():
         raise DataError(f"data.path: {root} is not a folder of class sub-folders")
     has_splits = (root / cfg.train_split).is_dir()
-    if not has_splits and cfg.test_fraction is None:
-        raise DataError(
-            f"data.path: {root} has no {cfg.train_split}/ sub-folder; give train/ and test/ sub-folders, "
-            "or set data.test_fraction to split one folder of class sub-folders"
-        )
     if has_splits:
         data_files = {split: str(root / split / "**") for split in (cfg.train_split, cfg.test_split)
                       if (root / split).is_dir()}
@@ -203,6 +223,36 @@ def _load_hub(cfg: DataConfig) -> LoadedData:  # pragma: no cover - needs networ
 
 
 LOADERS = {"digits": _load_digits, "arrays": _load_arrays, "imagefolder": _load_imagefolder, "hub": _load_hub}
+
+
+def apply_split(cfg: DataConfig, data: LoadedData) -> LoadedData:
+    """Make the train/test split ``data.split`` names (see ``splits``) and record it with a fingerprint."""
+    name = resolved_split(cfg)
+    if name in ("official", "swapped"):
+        if data.test is None:
+            raise DataError(f"{data.train.name}: the source has one split; set data.split to stratified (with "
+                            "data.test_fraction), dualprompt or coda, or give train/ and test/ sub-folders")
+        if name == "swapped":  # the SLCA reference's Cars split (split_car.py)
+            data.train, data.test = data.test, data.train
+    else:
+        # stratified divides the training images (a test split, if any, is not used); the named splits divide
+        # every image the source has
+        whole = data.train if data.test is None or name == "stratified" else ConcatSplit(data.train, data.test)
+        if name == "stratified":
+            train_idx, test_idx = stratified_split(whole.labels, cfg.test_fraction or 0.25, cfg.split_seed)
+        else:
+            ids = [sample_id if "/" in sample_id else f"{data.class_names[label]}/{sample_id}"
+                   for sample_id, label in zip(whole.sample_ids(), whole.labels)]
+            if name == "dualprompt":
+                train_idx, test_idx = dualprompt_split(ids, whole.labels, data.class_names)
+            else:
+                train_idx, test_idx = listed_split(ids, cfg.split_lists)
+        base = whole.name if data.test is None else whole.name.rsplit("/", 1)[0]  # "origin/train" -> "origin"
+        data.train = SubsetSplit(whole, train_idx, f"{base}/train")
+        data.test = SubsetSplit(whole, test_idx, f"{base}/test")
+    data.split = {"split": name, "train": len(data.train), "test": len(data.test),
+                  "test_fingerprint": fingerprint(data.test.sample_ids(), data.test.labels)}
+    return data
 
 
 def _subsample(split: ImageSplit, per_class: int, seed: int) -> ImageSplit:
@@ -230,7 +280,7 @@ def drop_unreadable(split: ImageSplit) -> tuple[ImageSplit, list[dict]]:
 
 def load_data(cfg: DataConfig) -> LoadedData:
     """Load train/test splits and check labels against ``data.num_classes``."""
-    data = LOADERS[cfg.source](cfg)
+    data = apply_split(cfg, LOADERS[cfg.source](cfg))
     if cfg.bad_images == "skip" and cfg.source != "arrays":  # arrays are always decodable
         data.train, bad_train = drop_unreadable(data.train)
         data.test, bad_test = drop_unreadable(data.test)

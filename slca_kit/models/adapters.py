@@ -1,6 +1,7 @@
 """PEFT adapters from a recipe's ``adapter:`` block, injected into the unmodified timm ViT with ``peft``.
 
-``adapter.type`` picks the peft config class; every other key of the block except ``target_modules``,
+``adapter.type`` is a peft type name (``lora``, ``ia3``, ``vera``, ...; see ``adapter_types``) and picks its
+config class; every other key of the block except ``target_modules``,
 ``train_backbone``, ``lr_scale`` and ``custom_modules`` is passed to that class (and checked against its fields).
 """
 from __future__ import annotations
@@ -18,19 +19,37 @@ from ..errors import ConfigError
 ADAPTER_NAME = "default"
 
 
-def _adapter_types() -> dict[str, tuple[type, dict]]:
-    import peft
+# Defaults slca_kit adds for a tuner on the timm ViT (a recipe's own options win).
+TYPE_PRESETS = {
+    "dora": {"use_dora": True},  # an alias: LoRA with DoRA's magnitude vector
+    "ia3": {"feedforward_modules": r"blocks\.\d+\.mlp\.fc2"},  # scales fc2's input
+}
 
-    return {
-        "lora": (peft.LoraConfig, {}),
-        "dora": (peft.LoraConfig, {"use_dora": True}),
-        "ia3": (peft.IA3Config, {"feedforward_modules": r"blocks\.\d+\.mlp\.fc2"}),  # scales fc2's input
-        "loha": (peft.LoHaConfig, {}),
-        "lokr": (peft.LoKrConfig, {}),
-        "oft": (peft.OFTConfig, {}),
-        "boft": (peft.BOFTConfig, {}),
-        "hra": (peft.HRAConfig, {}),
-    }  # VeRA keeps shared state on peft's tuner, which inject_adapter_in_model does not support
+
+def adapter_types() -> dict[str, tuple[type, dict]]:
+    """Every tuner peft can inject into a model, by its lower-case peft type name, from peft's own registry
+    (``PEFT_TYPE_TO_CONFIG_MAPPING`` / ``PEFT_TYPE_TO_TUNER_MAPPING``): the layer-injecting tuners, not prompt
+    learning. Plus ``dora``. Whether a tuner fits the ViT (its target layers, options) is peft's to say."""
+    from peft import LoraConfig
+    from peft.config import PromptLearningConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.tuners.tuners_utils import BaseTuner
+
+    types = {}
+    for peft_type, config_cls in PEFT_TYPE_TO_CONFIG_MAPPING.items():
+        tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+        if tuner is None or not issubclass(tuner, BaseTuner) or issubclass(config_cls, PromptLearningConfig):
+            continue
+        name = str(getattr(peft_type, "value", peft_type)).lower()
+        types[name] = (config_cls, TYPE_PRESETS.get(name, {}))
+    types["dora"] = (LoraConfig, TYPE_PRESETS["dora"])
+    return types
+
+
+def custom_module_types() -> list[str]:
+    """Adapter types whose peft config accepts custom layers (``_register_custom_module``)."""
+    return sorted(name for name, (config_cls, _) in adapter_types().items()
+                  if hasattr(config_cls, "_register_custom_module"))
 
 
 def _import(dotted: str, key: str) -> Any:
@@ -42,9 +61,10 @@ def _import(dotted: str, key: str) -> Any:
 
 
 def build_peft_config(cfg: AdapterConfig):
-    types = _adapter_types()
+    types = adapter_types()
     if cfg.type not in types:
-        raise ConfigError(f"adapter.type: {cfg.type!r} is not one of {', '.join(sorted(types))}")
+        raise ConfigError(f"adapter.type: {cfg.type!r} is not a peft tuner that injects into a model; valid: "
+                          f"{', '.join(sorted(types))}")
     config_cls, preset = types[cfg.type]
     fields = {f.name for f in dataclasses.fields(config_cls)}
     for key in cfg.options:
@@ -55,8 +75,12 @@ def build_peft_config(cfg: AdapterConfig):
     try:
         config = config_cls(**{**preset, **cfg.options, "target_modules": cfg.target_modules})
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"adapter: invalid {config_cls.__name__} options: {err}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"adapter: invalid {config_cls.__name__} options for {cfg.type!r}: {first}") from None
     if cfg.custom_modules:
+        if not hasattr(config, "_register_custom_module"):
+            raise ConfigError(f"adapter.custom_modules: peft's {config_cls.__name__} ({cfg.type}) takes no custom "
+                              f"layers; types that do: {', '.join(custom_module_types())}")
         # peft's hook for adapter layers it does not ship: {base layer class: adapter layer class}
         mapping = {_import(base, "adapter.custom_modules"): _import(layer, "adapter.custom_modules")
                    for base, layer in cfg.custom_modules.items()}
@@ -71,8 +95,11 @@ def attach_adapter(backbone: nn.Module, cfg: AdapterConfig) -> set[str]:
 
     try:
         inject_adapter_in_model(build_peft_config(cfg), backbone, adapter_name=ADAPTER_NAME)
-    except ValueError as err:  # e.g. no module matched target_modules
-        raise ConfigError(f"adapter.target_modules: {err}") from None
+    except (ValueError, TypeError, NotImplementedError, KeyError, AttributeError) as err:
+        # e.g. no module matched target_modules, or a tuner that cannot be injected on its own
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"adapter: peft could not inject {cfg.type!r} into the ViT (target_modules "
+                          f"{cfg.target_modules!r}): {first}") from None
     # peft keys adapter weights by adapter name ("...qkv.lora_A.default.weight"); wrapped base weights move to
     # "...qkv.base_layer.weight" and stay backbone weights.
     adapter = {name for name, _ in backbone.named_parameters() if ADAPTER_NAME in name.split(".")}
