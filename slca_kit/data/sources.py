@@ -190,7 +190,7 @@ def _hub_splits(cfg: DataConfig, dataset_dict: Any, origin: str) -> LoadedData:
                   for key, values in raw.items()}
     else:
         labels = raw
-        top = max(int(values.max()) for values in raw.values() if len(values)) if any(map(len, raw.values())) else -1
+        top = max((int(values.max()) for values in raw.values() if len(values)), default=-1)
         names = list(feature.names) if isinstance(feature, ClassLabel) else [str(i) for i in range(top + 1)]
     splits = {key: HubSplit(part, cfg.image_column, labels[key],
                             f"{origin}/{cfg.train_split if key == 'train' else cfg.test_split}")
