@@ -82,6 +82,16 @@ def test_transforms_produce_image_size(preset):
     assert train(image).shape == (3, 32, 32) and test(image).shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("preset", ["cifar", "imagenet_r", "cub_cars"])
+def test_test_resize_is_bicubic_on_every_benchmark(preset):
+    """GengDavid/SLCA utils/data.py: Resize(256, interpolation=3) for CIFAR, ImageNet-R, CUB and Cars."""
+    from torchvision.transforms import InterpolationMode
+
+    _, test = build_transforms(DataConfig(image_size=224, transform=preset))
+    resize = test.transforms[0]
+    assert resize.size == 256 and resize.interpolation == InterpolationMode.BICUBIC
+
+
 def test_epoch_sampler_is_reproducible():
     sampler = EpochShuffleSampler(10, seed=3)
     sampler.set_epoch(2)

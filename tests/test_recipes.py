@@ -1,4 +1,5 @@
 """Every shipped recipe resolves to a valid config (paths to absent weights are faked where a user would set them)."""
+import re
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,13 @@ def test_proxy_recipes_resolve(method, monkeypatch):
 def test_embedded_default_resolves():
     cfg = load_config(default_recipe_path())
     assert cfg.data.source == "digits" and cfg.method.name == "slca"
+
+
+SOURCE = re.compile(r"[A-Za-z0-9_-]+/[A-Za-z0-9_.-]+ [^\n]*?[A-Za-z0-9_/.-]+\.(py|json|yaml)")
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*/*.yaml")) + [default_recipe_path()],
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_recipe_names_the_file_its_values_come_from(recipe):
+    header = "".join(line for line in recipe.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert SOURCE.search(header), f"{recipe}: no 'owner/repository path/file' in its comments"
