@@ -29,6 +29,7 @@ from .data import build_scenario, load_data
 from .data.task_data import EpochShuffleSampler, TaskDataset
 from .data.transforms import build_transforms
 from .errors import CheckpointError, ConfigError, SlcaKitError
+from .evaluation import Evaluator
 from .io import write_text_atomic
 from .methods import TaskContext, build_method, method_class
 from .metrics import AccuracyMatrix
@@ -78,14 +79,6 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def per_task_batches(size: int, batch: int, rank: int, world: int) -> list[list[int]]:
-    """Consecutive batches of ``batch`` indices of a ``size``-image test set (the last may be shorter), every
-    ``world``-th batch to process ``rank``: the batches, and so batch-dependent predictions, are the same for any
-    number of processes."""
-    starts = range(0, size, batch)
-    return [list(range(start, min(start + batch, size))) for start in list(starts)[rank::world]]
 
 
 class RunState:
@@ -143,6 +136,8 @@ class Trainer:
         set_seed(train.seed)
         self.model = build_model(config.backbone, config.adapter).to(self.accelerator.device)
         self.method = build_method(config)
+        self.evaluator = Evaluator(self.data.test, self.label_map, self.test_transform, self.scenario, self.method,
+                                   self.accelerator, config)
         self.state = RunState(self.method)
         self.accelerator.register_for_checkpointing(self.state)
         self._timings: dict[str, float] = {}
@@ -349,68 +344,13 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
         prepared["scheduler"].step()
 
-    def _test_batches(self, classes: list[int]):
-        """This process's test batches of ``classes`` on the device. Per-sample methods: a shard of every
-        num_processes-th image in batches of ``train.eval_batch_size`` (which cannot change a prediction). Methods
-        with an ``evaluation_batch``: consecutive batches of that size, whole batches shared out over processes
-        (see ``per_task_batches``); the caller passes one task's classes at a time."""
-        dataset = TaskDataset(self.data.test, self.label_map, classes, self.test_transform)
-        group = self.method.evaluation_batch()
-        if group is None:
-            loader = self._loader(self._shard(dataset), self.config.train.eval_batch_size)
-        else:
-            batches = per_task_batches(len(dataset), group, self.accelerator.process_index,
-                                       self.accelerator.num_processes)
-            loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.config.data.num_workers)
-        for images, labels in loader:
-            yield images.to(self.accelerator.device), labels.to(self.accelerator.device)
-
-    def evaluation_protocol(self) -> dict:
-        """How test images were batched, for results.json."""
-        group = self.method.evaluation_batch()
-        if group is None:
-            return {"batching": "per-sample", "batch": None}
-        return {"batching": "per-task batches (the prediction depends on the batch, evaluated as the official code "
-                            "does: each task's test images in consecutive batches)", "batch": group}
-
-    @torch.no_grad()
     def evaluate(self, ctx: TaskContext) -> tuple[list[int], list[int]]:
-        """Correct predictions and test samples per task over all seen classes (argmax over seen classes),
-        each process on its own share, summed across processes."""
-        seen = ctx.seen_classes
-        class_task = torch.as_tensor(self.scenario.class_task_ids(), device=self.accelerator.device)
-        n_tasks = ctx.task + 1
-        correct = torch.zeros(n_tasks, dtype=torch.long, device=self.accelerator.device)
-        totals = torch.zeros(n_tasks, dtype=torch.long, device=self.accelerator.device)
-        self.model.eval()
-        per_task = self.method.evaluation_batch() is not None
-        class_sets = [self.scenario.task_classes(t) for t in range(n_tasks)] if per_task else [list(range(seen))]
-        for classes in class_sets:
-            for images, labels in self._test_batches(classes):
-                with self.accelerator.autocast():
-                    logits = self.method.predict(self.model, images, ctx)
-                hits = logits[:, :seen].argmax(dim=1) == labels
-                tasks = class_task[labels]
-                correct += torch.bincount(tasks[hits], minlength=n_tasks)
-                totals += torch.bincount(tasks, minlength=n_tasks)
-        return self._reduce_sum(correct).tolist(), self._reduce_sum(totals).tolist()
+        """Class-incremental correct counts and test samples per task (see ``Evaluator``)."""
+        return self.evaluator.class_incremental(self.model, ctx)
 
-    @torch.no_grad()
     def evaluate_task_incremental(self, ctx: TaskContext) -> tuple[list[int], list[int]]:
-        """Correct predictions and test samples per task when each sample's task id is given: argmax of
-        ``method.predict_task`` over its own task's classes."""
-        device = self.accelerator.device
-        correct = torch.zeros(ctx.task + 1, dtype=torch.long, device=device)
-        totals = torch.zeros(ctx.task + 1, dtype=torch.long, device=device)
-        self.model.eval()
-        for task in range(ctx.task + 1):
-            offset = self.scenario.task_offset(task)
-            for images, labels in self._test_batches(self.scenario.task_classes(task)):
-                with self.accelerator.autocast():
-                    logits = self.method.predict_task(self.model, images, task, ctx)
-                correct[task] += (logits.argmax(dim=1) == labels - offset).sum()
-                totals[task] += labels.numel()
-        return self._reduce_sum(correct).tolist(), self._reduce_sum(totals).tolist()
+        """Task-incremental correct counts and test samples per task (see ``Evaluator``)."""
+        return self.evaluator.task_incremental(self.model, ctx)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _save_checkpoint(self, task: int, epoch: int | None) -> None:
@@ -486,7 +426,7 @@ class Trainer:
             "skipped_images": {"count": len(self.data.skipped), "first": self.data.skipped[:20]},
             "data_split": self.data.split,  # split name, sizes, test-set fingerprint
             "setting": "class-incremental",  # the top-level accuracies: no task id at test
-            "evaluation": self.evaluation_protocol(),
+            "evaluation": self.evaluator.protocol(),
             **matrix.summary(),
             "task_incremental": self.state.task_matrix.summary() if self.state.task_matrix.num_rows else None,
             "tasks": self.state.task_records,

@@ -55,7 +55,7 @@ def test_every_method_runs_end_to_end(tiny_npz, tmp_path, method):
 
 
 def test_batch_dependent_methods_are_evaluated_per_task_in_whole_batches():
-    from slca_kit.trainer import per_task_batches
+    from slca_kit.evaluation import per_task_batches
 
     assert per_task_batches(7, 3, 0, 1) == [[0, 1, 2], [3, 4, 5], [6]]
     two = per_task_batches(7, 3, 0, 2) + per_task_batches(7, 3, 1, 2)

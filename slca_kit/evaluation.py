@@ -1,0 +1,114 @@
+"""Evaluation on the test split after each task: class-incremental (argmax over every seen class) and, for methods
+that can use a task id, task-incremental. Counts are summed over processes, so DDP gives the single-process numbers.
+
+A method classifies each test image on its own unless it declares an ``evaluation_batch``: then, as the official
+code of batch-wise prompt selection does, each task's test images are evaluated separately in consecutive batches of
+that size, and whole batches are shared out over processes. Either way the accuracy depends neither on
+``train.eval_batch_size`` nor on the number of processes.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from .data.task_data import TaskDataset
+
+if TYPE_CHECKING:  # imported for type hints only
+    from accelerate import Accelerator
+
+    from .config import Config
+    from .data.scenario import Scenario
+    from .data.sources import ImageSplit
+    from .methods import Method, TaskContext
+
+
+def per_task_batches(size: int, batch: int, rank: int, world: int) -> list[list[int]]:
+    """Consecutive batches of ``batch`` indices of a ``size``-image test set (the last may be shorter), every
+    ``world``-th batch to process ``rank``: the batches, and so batch-dependent predictions, are the same for any
+    number of processes."""
+    starts = range(0, size, batch)
+    return [list(range(start, min(start + batch, size))) for start in list(starts)[rank::world]]
+
+
+class Evaluator:
+    def __init__(self, test: "ImageSplit", label_map: np.ndarray, transform, scenario: "Scenario",
+                 method: "Method", accelerator: "Accelerator", config: "Config"):
+        self.test = test
+        self.label_map = label_map
+        self.transform = transform
+        self.scenario = scenario
+        self.method = method
+        self.accelerator = accelerator
+        self.config = config
+
+    def protocol(self) -> dict:
+        """How test images were batched, for results.json."""
+        group = self.method.evaluation_batch()
+        if group is None:
+            return {"batching": "per-sample", "batch": None}
+        return {"batching": "per-task batches (the prediction depends on the batch, evaluated as the official code "
+                            "does: each task's test images in consecutive batches)", "batch": group}
+
+    def batches(self, classes: list[int]):
+        """This process's test batches of ``classes`` on the device. Per-sample methods: every num_processes-th
+        image in batches of ``train.eval_batch_size`` (which cannot change a prediction). Methods with an
+        ``evaluation_batch``: consecutive batches of that size, whole batches shared out over processes; the
+        caller passes one task's classes at a time."""
+        dataset = TaskDataset(self.test, self.label_map, classes, self.transform)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        workers = self.config.data.num_workers
+        group = self.method.evaluation_batch()
+        if group is None:
+            loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)),
+                                batch_size=self.config.train.eval_batch_size, num_workers=workers)
+        else:
+            loader = DataLoader(dataset, batch_sampler=per_task_batches(len(dataset), group, rank, world),
+                                num_workers=workers)
+        for images, labels in loader:
+            yield images.to(self.accelerator.device), labels.to(self.accelerator.device)
+
+    def _reduce(self, *counts: torch.Tensor) -> tuple[list[int], ...]:
+        if self.accelerator.num_processes > 1:
+            counts = tuple(self.accelerator.reduce(c.contiguous(), reduction="sum") for c in counts)
+        return tuple(c.tolist() for c in counts)
+
+    @torch.no_grad()
+    def class_incremental(self, model, ctx: "TaskContext") -> tuple[list[int], list[int]]:
+        """Correct predictions and test samples per task over all seen classes (argmax over seen classes)."""
+        device = self.accelerator.device
+        seen, n_tasks = ctx.seen_classes, ctx.task + 1
+        class_task = torch.as_tensor(self.scenario.class_task_ids(), device=device)
+        correct = torch.zeros(n_tasks, dtype=torch.long, device=device)
+        totals = torch.zeros(n_tasks, dtype=torch.long, device=device)
+        model.eval()
+        per_task = self.method.evaluation_batch() is not None
+        class_sets = [self.scenario.task_classes(t) for t in range(n_tasks)] if per_task else [list(range(seen))]
+        for classes in class_sets:
+            for images, labels in self.batches(classes):
+                with self.accelerator.autocast():
+                    logits = self.method.predict(model, images, ctx)
+                hits = logits[:, :seen].argmax(dim=1) == labels
+                tasks = class_task[labels]
+                correct += torch.bincount(tasks[hits], minlength=n_tasks)
+                totals += torch.bincount(tasks, minlength=n_tasks)
+        return self._reduce(correct, totals)
+
+    @torch.no_grad()
+    def task_incremental(self, model, ctx: "TaskContext") -> tuple[list[int], list[int]]:
+        """Correct predictions and test samples per task when each sample's task id is given: argmax of
+        ``method.predict_task`` over its own task's classes."""
+        device = self.accelerator.device
+        correct = torch.zeros(ctx.task + 1, dtype=torch.long, device=device)
+        totals = torch.zeros(ctx.task + 1, dtype=torch.long, device=device)
+        model.eval()
+        for task in range(ctx.task + 1):
+            offset = self.scenario.task_offset(task)
+            for images, labels in self.batches(self.scenario.task_classes(task)):
+                with self.accelerator.autocast():
+                    logits = self.method.predict_task(model, images, task, ctx)
+                correct[task] += (logits.argmax(dim=1) == labels - offset).sum()
+                totals[task] += labels.numel()
+        return self._reduce(correct, totals)
