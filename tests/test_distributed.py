@@ -78,3 +78,17 @@ def test_lifelong_state_is_the_same_with_two_processes(odd_npz, tmp_path, method
         assert sum(len(v) for v in one["method"]["exemplars"].values()) == 6  # 8 // 6 seen classes = 1 each
     if method == "den":
         assert one["method"]["history"] == two["method"]["history"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
+def test_batch_wise_prompt_selection_gives_the_same_accuracy_with_two_processes(odd_npz, tmp_path):
+    """L2P votes prompts over each test batch: per-task batches of 4 (21 test images per task: 6 batches, shared
+    3 + 3 over two processes) give one process's counts whatever the evaluation batch size."""
+    recipe = tiny_recipe(odd_npz, tmp_path / "runs", method="l2p", scenario={"increment": 3, "class_order_seed": 1993})
+    recipe["method"]["params"] = {"pool_size": 4, "length": 2, "top_k": 2, "test_batch_size": 4}
+    path = write_recipe(tmp_path / "l2p.yaml", recipe)
+    _train(path, 1, "name=one", "train.epochs=0", "train.eval_batch_size=64", cwd=tmp_path)
+    _train(path, 2, "name=two", "train.epochs=0", "train.eval_batch_size=3", cwd=tmp_path)
+    one, two = (json.loads((tmp_path / "runs" / name / "results.json").read_text()) for name in ("one", "two"))
+    assert one["correct"] == two["correct"] and one["totals"] == two["totals"] == [21, 21]
+    assert one["evaluation"] == two["evaluation"] and one["evaluation"]["batch"] == 4
