@@ -12,4 +12,11 @@ for method in "${methods[@]}"; do
     slca train "recipes/proxy/$method.yaml" "output_dir=$out" $resume
   fi
 done
-slca report "${methods[@]/#/$out/}" --output "$out/compare"
+# SLCA++ with its LoRA also on the MLP (the documented option; the released code trains the qkv LoRA only)
+if [ ! -f "$out/slca_pp_mlp/results.json" ] || ! grep -q '"complete": true' "$out/slca_pp_mlp/results.json"; then
+  resume=""
+  [ -d "$out/slca_pp_mlp/checkpoints" ] && resume="--resume"
+  slca train recipes/proxy/slca_pp.yaml "output_dir=$out" name=slca_pp_mlp \
+    'adapter.target_modules=blocks\.\d+\.(attn\.qkv|mlp\.fc[12])' $resume
+fi
+slca report "${methods[@]/#/$out/}" "$out/slca_pp_mlp" --output "$out/compare"
