@@ -119,7 +119,8 @@ class Method:
 
     def training_loss(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       ctx: TaskContext) -> torch.Tensor:
-        """Cross-entropy on the current task's logits only (reference: ``logits[:, known:]``, targets - known)."""
+        """Cross-entropy on the current task's logits only (GengDavid/SLCA models/slca.py: ``logits[:, known:]``,
+        targets - known)."""
         logits = model(images)
         return F.cross_entropy(logits[:, ctx.known_classes:], labels - ctx.known_classes)
 
@@ -137,8 +138,9 @@ class Method:
         """None (default): ``predict`` classifies each image on its own, so accuracy does not depend on how the test
         set is batched. A method whose prediction for an image depends on the other images in its batch (batch-wise
         prompt selection) returns the official test batch size instead: the trainer then evaluates each task's test
-        images separately, in consecutive batches of that size, as the official code does, whatever
-        ``train.eval_batch_size`` and the number of processes."""
+        images separately, in consecutive batches of that size, as the official code does (google-research/l2p
+        train_continual.py:458-473, JH-LEE-KR/dualprompt-pytorch engine.py:150), whatever ``train.eval_batch_size``
+        and the number of processes."""
         return None
 
     def predict_task(self, model: "ContinualModel", images: torch.Tensor, task: int, ctx: TaskContext) -> torch.Tensor:
