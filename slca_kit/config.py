@@ -28,7 +28,7 @@ class DataConfig:
     benchmark: str | None = None
     # Where the images come from: digits (scikit-learn's, embedded), arrays (.npz), imagefolder, hub.
     source: str = "digits"
-    path: str | None = None  # .npz file or image folder (train/ + test/ sub-folders, or one folder + test_fraction)
+    path: str | None = None  # .npz file or image folder (train/ + test/ sub-folders, or one folder and data.split)
     hub_id: str | None = None  # Hugging Face dataset id, e.g. uoft-cs/cifar100
     hub_config: str | None = None
     image_column: str = "image"
