@@ -8,11 +8,11 @@ that size, and whole batches are shared out over processes. Either way the accur
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from .data.task_data import TaskDataset
 
@@ -34,8 +34,12 @@ def per_task_batches(size: int, batch: int, rank: int, world: int) -> list[list[
 
 
 class Evaluator:
+    """``shard`` (dataset -> this process's share) and ``reduce_sum`` (tensor -> sum over processes) are the
+    trainer's, so that evaluation and training share out and add up samples the same way."""
+
     def __init__(self, test: "ImageSplit", label_map: np.ndarray, transform, scenario: "Scenario",
-                 method: "Method", accelerator: "Accelerator", config: "Config"):
+                 method: "Method", accelerator: "Accelerator", config: "Config",
+                 shard: Callable[[Dataset], Dataset], reduce_sum: Callable[[torch.Tensor], torch.Tensor]):
         self.test = test
         self.label_map = label_map
         self.transform = transform
@@ -43,6 +47,8 @@ class Evaluator:
         self.method = method
         self.accelerator = accelerator
         self.config = config
+        self.shard = shard
+        self.reduce_sum = reduce_sum
 
     def protocol(self) -> dict:
         """How test images were batched, for results.json."""
@@ -58,22 +64,17 @@ class Evaluator:
         ``evaluation_batch``: consecutive batches of that size, whole batches shared out over processes; the
         caller passes one task's classes at a time."""
         dataset = TaskDataset(self.test, self.label_map, classes, self.transform)
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
         workers = self.config.data.num_workers
         group = self.method.evaluation_batch()
         if group is None:
-            loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)),
-                                batch_size=self.config.train.eval_batch_size, num_workers=workers)
-        else:
-            loader = DataLoader(dataset, batch_sampler=per_task_batches(len(dataset), group, rank, world),
+            loader = DataLoader(self.shard(dataset), batch_size=self.config.train.eval_batch_size,
                                 num_workers=workers)
+        else:
+            batches = per_task_batches(len(dataset), group, self.accelerator.process_index,
+                                       self.accelerator.num_processes)
+            loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
         for images, labels in loader:
             yield images.to(self.accelerator.device), labels.to(self.accelerator.device)
-
-    def _reduce(self, *counts: torch.Tensor) -> tuple[list[int], ...]:
-        if self.accelerator.num_processes > 1:
-            counts = tuple(self.accelerator.reduce(c.contiguous(), reduction="sum") for c in counts)
-        return tuple(c.tolist() for c in counts)
 
     @torch.no_grad()
     def class_incremental(self, model, ctx: "TaskContext") -> tuple[list[int], list[int]]:
@@ -94,7 +95,7 @@ class Evaluator:
                 tasks = class_task[labels]
                 correct += torch.bincount(tasks[hits], minlength=n_tasks)
                 totals += torch.bincount(tasks, minlength=n_tasks)
-        return self._reduce(correct, totals)
+        return self.reduce_sum(correct).tolist(), self.reduce_sum(totals).tolist()
 
     @torch.no_grad()
     def task_incremental(self, model, ctx: "TaskContext") -> tuple[list[int], list[int]]:
@@ -111,4 +112,4 @@ class Evaluator:
                     logits = self.method.predict_task(model, images, task, ctx)
                 correct[task] += (logits.argmax(dim=1) == labels - offset).sum()
                 totals[task] += labels.numel()
-        return self._reduce(correct, totals)
+        return self.reduce_sum(correct).tolist(), self.reduce_sum(totals).tolist()

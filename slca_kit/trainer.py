@@ -137,7 +137,7 @@ class Trainer:
         self.model = build_model(config.backbone, config.adapter).to(self.accelerator.device)
         self.method = build_method(config)
         self.evaluator = Evaluator(self.data.test, self.label_map, self.test_transform, self.scenario, self.method,
-                                   self.accelerator, config)
+                                   self.accelerator, config, shard=self._shard, reduce_sum=self._reduce_sum)
         self.state = RunState(self.method)
         self.accelerator.register_for_checkpointing(self.state)
         self._timings: dict[str, float] = {}

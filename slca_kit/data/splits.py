@@ -67,10 +67,8 @@ def dualprompt_split(sample_ids: list[str], labels: np.ndarray, class_names: lis
     generator = torch.Generator().manual_seed(DUALPROMPT_SEED)  # the same stream as the global one after seeding
     permutation = torch.randperm(len(canonical), generator=generator).numpy()
     n_train = int(DUALPROMPT_TRAIN_FRACTION * len(canonical))
-    train, test = canonical[permutation[:n_train]], canonical[permutation[n_train:]]
-    order = {int(index): rank for rank, index in enumerate(canonical)}
-    return (np.asarray(sorted(train, key=order.__getitem__), dtype=np.int64),
-            np.asarray(sorted(test, key=order.__getitem__), dtype=np.int64))
+    # sorted positions in the canonical list = each split in ImageFolder order
+    return canonical[np.sort(permutation[:n_train])], canonical[np.sort(permutation[n_train:])]
 
 
 def read_split_list(path: str) -> list[str]:

@@ -52,6 +52,12 @@ def custom_module_types() -> list[str]:
                   if hasattr(config_cls, "_register_custom_module"))
 
 
+def _first_line(err: Exception) -> str:
+    """peft's messages can run over several lines; an ``error:`` line keeps the first."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _import(dotted: str, key: str) -> Any:
     module_name, _, attribute = dotted.rpartition(".")
     try:
@@ -75,8 +81,8 @@ def build_peft_config(cfg: AdapterConfig):
     try:
         config = config_cls(**{**preset, **cfg.options, "target_modules": cfg.target_modules})
     except (TypeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"adapter: invalid {config_cls.__name__} options for {cfg.type!r}: {first}") from None
+        raise ConfigError(f"adapter: invalid {config_cls.__name__} options for {cfg.type!r}: "
+                          f"{_first_line(err)}") from None
     if cfg.custom_modules:
         if not hasattr(config, "_register_custom_module"):
             raise ConfigError(f"adapter.custom_modules: peft's {config_cls.__name__} ({cfg.type}) takes no custom "
@@ -97,9 +103,8 @@ def attach_adapter(backbone: nn.Module, cfg: AdapterConfig) -> set[str]:
         inject_adapter_in_model(build_peft_config(cfg), backbone, adapter_name=ADAPTER_NAME)
     except (ValueError, TypeError, NotImplementedError, KeyError, AttributeError) as err:
         # e.g. no module matched target_modules, or a tuner that cannot be injected on its own
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"adapter: peft could not inject {cfg.type!r} into the ViT (target_modules "
-                          f"{cfg.target_modules!r}): {first}") from None
+                          f"{cfg.target_modules!r}): {_first_line(err)}") from None
     # peft keys adapter weights by adapter name ("...qkv.lora_A.default.weight"); wrapped base weights move to
     # "...qkv.base_layer.weight" and stay backbone weights.
     adapter = {name for name, _ in backbone.named_parameters() if ADAPTER_NAME in name.split(".")}
