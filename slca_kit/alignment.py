@@ -8,6 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .finite import ensure_finite_loss, ensure_finite_tensors
+
+ALIGNMENT_HINT = " (lower method.params.ca_lr?)"
+
 
 @dataclass
 class ClassMoments:
@@ -129,22 +133,25 @@ def align_classifier(head: nn.Module, means: torch.Tensor, chol: torch.Tensor, c
     shifted = (means * scale[:, None].to(means)).float()
     chol = chol.float()
     epoch_losses = []
-    for _ in range(settings.epochs):
+    for epoch in range(settings.epochs):
         inputs, targets = sample_gaussians(shifted, chol, settings.samples_per_class, generator)
         if settings.age_scale is not None:
             inputs = inputs / age_divisors(class_task_ids[targets], current_task, settings, generator)[:, None]
         order = torch.randperm(inputs.shape[0], generator=generator, device=inputs.device)
         inputs, targets = inputs[order], targets[order]
         losses = []
-        for start in range(0, inputs.shape[0], settings.batch_size):
+        for step, start in enumerate(range(0, inputs.shape[0], settings.batch_size)):
             logits = head(inputs[start:start + settings.batch_size])
             if settings.tau is not None:
                 logits = normalized_logits(logits, task_sizes, settings.tau)
             loss = F.cross_entropy(logits, targets[start:start + settings.batch_size])
+            ensure_finite_loss(loss, "classifier alignment", current_task, epoch, step, hint=ALIGNMENT_HINT)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
         scheduler.step()
+        ensure_finite_tensors(head.named_parameters(), "aligned head parameter", "classifier alignment",
+                              current_task, epoch, hint=ALIGNMENT_HINT)
         epoch_losses.append(sum(losses) / len(losses))
     return epoch_losses

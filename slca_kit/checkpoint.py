@@ -10,19 +10,22 @@ from pathlib import Path
 from .io import read_json, write_json_atomic
 
 PROGRESS_FILE = "progress.json"
-_NAME = re.compile(r"^task_(\d{3})(?:_epoch_(\d{3}))?$")
+_NAME = re.compile(r"^task_(\d{3})(?:_epoch_(\d{3})(?:_step_(\d{6}))?)?$")
+_LAST = 10**9  # sorts a finished epoch after its steps, and a finished task after its epochs
 
 
-def checkpoint_name(task: int, epoch: int | None) -> str:
-    """Task-end checkpoints are ``task_003``; mid-task ones ``task_003_epoch_004`` (after epoch index 4)."""
-    return f"task_{task:03d}" if epoch is None else f"task_{task:03d}_epoch_{epoch:03d}"
+def checkpoint_name(task: int, epoch: int | None, step: int | None = None) -> str:
+    """Task-end checkpoints are ``task_003``; epoch-end ones ``task_003_epoch_004`` (after epoch index 4);
+    preemption ones ``task_003_epoch_004_step_000017`` (in epoch 4, after the optimizer step ending at micro-batch
+    index 17)."""
+    if epoch is None:
+        return f"task_{task:03d}"
+    return f"task_{task:03d}_epoch_{epoch:03d}" + ("" if step is None else f"_step_{step:06d}")
 
 
-def _order_key(path: Path) -> tuple[int, int]:
-    match = _NAME.match(path.name)
-    task, epoch = int(match.group(1)), match.group(2)
-    # A finished task sorts after all of its epochs.
-    return task, 10**6 if epoch is None else int(epoch)
+def _order_key(path: Path) -> tuple[int, int, int]:
+    task, epoch, step = _NAME.match(path.name).groups()
+    return int(task), _LAST if epoch is None else int(epoch), _LAST if step is None else int(step)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

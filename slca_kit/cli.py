@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from importlib import resources
 from pathlib import Path
 
-from .errors import SlcaKitError
+from .errors import Preempted, SlcaKitError
 
 DEFAULT_RECIPE = "default.yaml"
 
@@ -30,7 +31,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
     recipe, overrides = _split_recipe(ns.args)
     config = load_config(recipe, overrides)
     trainer = Trainer(config)
-    results = trainer.run(resume=ns.resume)
+    try:
+        results = trainer.run(resume=ns.resume, allow_config_change=ns.allow_config_change)
+    except Preempted as stop:
+        command = ["slca", "train", *ns.args, "--resume"]
+        command += ["--allow-config-change"] if ns.allow_config_change else []
+        print(f"{stop}; continue with: {shlex.join(command)}", file=sys.stderr)
+        return 128 + stop.signal_number  # the shell's convention for "ended by signal N"
     if trainer.accelerator.is_main_process:
         print(f"{config.name}: Last-Acc {results['last_acc']:.2f}  Inc-Acc {results['inc_acc']:.2f}  "
               f"-> {trainer.run_dir / 'results.json'}")
@@ -89,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a recipe: slca train [RECIPE.yaml] [key=value ...]")
     train.add_argument("args", nargs="*", help="recipe path (default: the embedded digits recipe), then overrides")
     train.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="with --resume: accept a recipe that differs from the run's (recorded in results.json)")
     train.set_defaults(func=cmd_train)
     evaluate = sub.add_parser("eval", help="evaluate a run's checkpoint on all classes it has seen")
     evaluate.add_argument("run_dir")
@@ -110,3 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SlcaKitError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM during training, or one before training started
+        print("error: interrupted; work since the last complete checkpoint is lost (--resume continues from it)",
+              file=sys.stderr)
+        return 130

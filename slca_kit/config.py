@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -202,6 +203,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -213,7 +216,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def unknown_key_message(key: str, where: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(valid))}"
+    return f"{where or 'recipe'}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(valid))}"
 
 
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
@@ -242,6 +245,46 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+class DuplicateKey(ConfigError):
+    """A mapping in a YAML text gives the same key twice (PyYAML would silently keep the last value)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys in a mapping, naming the key and both lines, and reads
+    ``1e-3`` as a number (YAML 1.2; PyYAML's YAML 1.1 rules make it a string unless written ``1.0e-3``)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may repeat keys on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise DuplicateKey(f"duplicate key {key!r} on lines {first_line[key]} and {line} "
+                                   "(each key may appear once per section)")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """``yaml.safe_load`` that refuses duplicate keys (``DuplicateKey``)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read a YAML recipe, resolving ``extends: other.yaml`` (relative to the recipe) recursively."""
     path = Path(path)
@@ -250,9 +293,13 @@ def load_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in _seen]}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the recipe: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     parents = data.pop("extends", None)
@@ -268,17 +315,22 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides; values are parsed as YAML (``train.milestones=[40]`` works)."""
     data = copy.deepcopy(data)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=5")
-        key, raw = item.split("=", 1)
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if "=" not in item or not all(part.strip() for part in parts):
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted KEY, e.g. train.epochs=5")
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw)
+        except DuplicateKey as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
         except yaml.YAMLError:
             value = raw
+        parts = [part.strip() for part in parts]
         node = data
-        parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section ("train:" alone)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[parts[-1]] = value
@@ -320,7 +372,10 @@ def config_from_dict(data: dict) -> Config:
         known = {f.name for f in dataclasses.fields(AdapterConfig)}
         adapter = {k: v for k, v in data["adapter"].items() if k in known}
         extra = {k: v for k, v in data["adapter"].items() if k not in known}
-        data["adapter"] = {**adapter, "options": {**adapter.get("options", {}), **extra}}
+        options = adapter.get("options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"adapter.options: expected a mapping of peft options, got {options!r}")
+        data["adapter"] = {**adapter, "options": {**options, **extra}}
     cfg = build_dataclass(Config, data, "")
     validate_config(cfg)
     cfg.method.params = validate_method_params(cfg.method.name, cfg.method.params)
@@ -355,6 +410,19 @@ def validate_config(cfg: Config) -> None:
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key)
     _check_positive(cfg.train.lr, "train.lr")
+    _check_positive(cfg.data.max_train_per_class, "data.max_train_per_class")
+    for key in ("train.seed", "data.split_seed", "scenario.class_order_seed", "data.num_workers", "train.momentum",
+                "train.weight_decay", "train.gamma", "train.eta_min", "train.grad_clip", "backbone.drop_rate",
+                "backbone.drop_path_rate"):
+        section, name = key.split(".")
+        _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=True)
+    for key in ("train.seed", "data.split_seed", "scenario.class_order_seed"):  # NumPy seeds are 32-bit
+        value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+        if value is not None and value >= 2**32:
+            raise ConfigError(f"{key}: must be below 2**32, got {value}")
+    for key in ("backbone.drop_rate", "backbone.drop_path_rate"):
+        if getattr(cfg.backbone, key.split(".")[1]) >= 1:
+            raise ConfigError(f"{key}: a probability below 1, got {getattr(cfg.backbone, key.split('.')[1])}")
     _check_positive(cfg.train.keep_checkpoints, "train.keep_checkpoints")
     _check_positive(cfg.scenario.init_classes, "scenario.init_classes")
     _check_positive(cfg.scenario.num_tasks, "scenario.num_tasks")

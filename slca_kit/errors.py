@@ -25,3 +25,19 @@ class UnreadableImage(DataError):
                          "(data.bad_images: skip leaves unreadable images out)")
         self.source = source
         self.reason = reason
+
+
+class TrainingDiverged(SlcaKitError):
+    """A loss, parameter, statistic or logit became NaN or infinite."""
+
+
+class RunFolderBusy(SlcaKitError):
+    """Another live process is writing the run folder."""
+
+
+class Preempted(SlcaKitError):
+    """SIGTERM or SIGINT stopped the run at a safe point after writing a checkpoint; ``--resume`` continues it."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number

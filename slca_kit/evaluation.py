@@ -15,6 +15,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.task_data import TaskDataset
+from .errors import TrainingDiverged
+from .finite import KEPT
 
 if TYPE_CHECKING:  # imported for type hints only
     from accelerate import Accelerator
@@ -31,6 +33,12 @@ def per_task_batches(size: int, batch: int, rank: int, world: int) -> list[list[
     number of processes."""
     starts = range(0, size, batch)
     return [list(range(start, min(start + batch, size))) for start in list(starts)[rank::world]]
+
+
+def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Rows with a NaN or +inf logit, or no finite one. -inf alone is a valid "not this class" (PackNet, PNN and
+    DEN give -inf to the classes of the tasks they did not route an image to)."""
+    return torch.isnan(logits).any(dim=1) | torch.isposinf(logits).any(dim=1) | ~torch.isfinite(logits).any(dim=1)
 
 
 class Evaluator:
@@ -84,6 +92,7 @@ class Evaluator:
         class_task = torch.as_tensor(self.scenario.class_task_ids(), device=device)
         correct = torch.zeros(n_tasks, dtype=torch.long, device=device)
         totals = torch.zeros(n_tasks, dtype=torch.long, device=device)
+        non_finite = torch.zeros((), dtype=torch.long, device=device)
         model.eval()
         per_task = self.method.evaluation_batch() is not None
         class_sets = [self.scenario.task_classes(t) for t in range(n_tasks)] if per_task else [list(range(seen))]
@@ -95,7 +104,16 @@ class Evaluator:
                 tasks = class_task[labels]
                 correct += torch.bincount(tasks[hits], minlength=n_tasks)
                 totals += torch.bincount(tasks, minlength=n_tasks)
+                non_finite += unusable_rows(logits[:, :seen]).sum()
+        self._ensure_finite(non_finite, "class-incremental", ctx)
         return self.reduce_sum(correct).tolist(), self.reduce_sum(totals).tolist()
+
+    def _ensure_finite(self, non_finite: torch.Tensor, setting: str, ctx: "TaskContext") -> None:
+        """Reduced over processes first, so every process raises together (none waits in a collective)."""
+        count = int(self.reduce_sum(non_finite))
+        if count:
+            raise TrainingDiverged(f"evaluation ({setting}): task {ctx.task}: {count} test images have NaN or infinite "
+                                   f"logits, so no accuracy is reported; {KEPT}")
 
     @torch.no_grad()
     def task_incremental(self, model, ctx: "TaskContext") -> tuple[list[int], list[int]]:
@@ -104,6 +122,7 @@ class Evaluator:
         device = self.accelerator.device
         correct = torch.zeros(ctx.task + 1, dtype=torch.long, device=device)
         totals = torch.zeros(ctx.task + 1, dtype=torch.long, device=device)
+        non_finite = torch.zeros((), dtype=torch.long, device=device)
         model.eval()
         for task in range(ctx.task + 1):
             offset = self.scenario.task_offset(task)
@@ -112,4 +131,6 @@ class Evaluator:
                     logits = self.method.predict_task(model, images, task, ctx)
                 correct[task] += (logits.argmax(dim=1) == labels - offset).sum()
                 totals[task] += labels.numel()
+                non_finite += unusable_rows(logits).sum()
+        self._ensure_finite(non_finite, "task-incremental", ctx)
         return self.reduce_sum(correct).tolist(), self.reduce_sum(totals).tolist()

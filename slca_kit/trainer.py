@@ -7,10 +7,12 @@ Per task: add the task's head -> method.before_task -> epochs of method.training
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import resource
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -26,24 +28,24 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import Config, TrainConfig
 from .data import build_scenario, load_data
+from .data.sources import check_images_per_class
 from .data.task_data import EpochShuffleSampler, TaskDataset
 from .data.transforms import build_transforms
-from .errors import CheckpointError, ConfigError, SlcaKitError
+from .errors import CheckpointError, ConfigError, Preempted, RunFolderBusy
 from .evaluation import Evaluator
+from .finite import ensure_finite_loss, ensure_finite_tensors, flat_tensors
 from .io import write_text_atomic
 from .methods import TaskContext, build_method, method_class
 from .metrics import AccuracyMatrix
 from .models import build_model
 from .models.adapters import adapter_state_dict
+from .preemption import StopRequest
 from .report import write_run_outputs
+from .run_folder import RunLock, check_resume_config, read_config_changes, record_config_change
 
 logger = get_logger("slca_kit")
 ADAPTER_FILE = "adapter_model.safetensors"
 RUN_STATE_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first registered object (RunState)
-
-
-class TrainingDiverged(SlcaKitError):
-    """The training loss became NaN or infinite."""
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -133,9 +135,10 @@ class Trainer:
         self.scenario = build_scenario(config.scenario, self.data.num_classes)
         self.label_map = self.scenario.label_map()
         self.train_transform, self.test_transform = build_transforms(config.data)
+        self.method = build_method(config)
+        check_images_per_class(self.data, self.scenario, *self.method.training_images_needed())
         set_seed(train.seed)
         self.model = build_model(config.backbone, config.adapter).to(self.accelerator.device)
-        self.method = build_method(config)
         self.evaluator = Evaluator(self.data.test, self.label_map, self.test_transform, self.scenario, self.method,
                                    self.accelerator, config, shard=self._shard, reduce_sum=self._reduce_sum)
         self.state = RunState(self.method)
@@ -143,6 +146,7 @@ class Trainer:
         self._timings: dict[str, float] = {}
         self._task = 0
         self._resume_from: Path | None = None  # the checkpoint a resumed run continues from
+        self._stop = StopRequest()
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -227,11 +231,45 @@ class Trainer:
                            reduce_sum=self._reduce_sum, timer=self._timer)
 
     # -- the loop ---------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool = False, allow_config_change: bool = False) -> dict:
+        """Train every task (from the latest checkpoint with ``resume``). The run folder is locked meanwhile;
+        SIGTERM / SIGINT stop it at the next safe point with a checkpoint (``Preempted``)."""
+        lock = RunLock(self.run_dir)
+        self._on_all_processes(lambda: lock.acquire() if self.accelerator.is_main_process else None)
+        try:
+            with self._stop.installed():
+                return self._run(resume, allow_config_change, lock)
+        finally:
+            lock.release()
+
+    def _on_all_processes(self, action) -> None:
+        """Run ``action`` (main process only, by its own test) and raise its ``RunFolderBusy`` on every process."""
+        message = None
+        try:
+            action()
+        except RunFolderBusy as err:
+            message = str(err)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = broadcast_object_list([message])[0]
+        if message is not None:
+            raise RunFolderBusy(message)
+
+    def _run(self, resume: bool, allow_config_change: bool, lock: RunLock) -> dict:
         accelerator = self.accelerator
-        start_task, start_epoch = 0, 0
+        if lock.previous_holder:
+            logger.warning(f"{self.run_dir}: took over a stale lock of a process that no longer runs "
+                           f"({lock.previous_holder})", main_process_only=True)
+        start_task, start_epoch, skip_steps = 0, 0, 0
         if resume:
-            start_task, start_epoch = self._prepare_resume()
+            changed = check_resume_config(self.run_dir, self.config.to_dict(), allow_config_change)
+            start_task, start_epoch, skip_steps = self._prepare_resume()
+            if changed:
+                logger.warning(f"--allow-config-change: resuming with changed {', '.join(changed)}",
+                               main_process_only=True)
+                if accelerator.is_main_process:
+                    record_config_change(self.run_dir, changed, self._resume_from.name)
         elif ckpt.latest_checkpoint(self.checkpoint_root) is not None:
             raise CheckpointError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
                                   "or choose another name / output_dir")
@@ -243,7 +281,11 @@ class Trainer:
         logger.info(f"{self.config.method.name}: {self.scenario.num_tasks} tasks {list(self.scenario.task_sizes)} on "
                     f"{accelerator.num_processes} process(es), device {accelerator.device}", main_process_only=True)
         for task in range(start_task, self.scenario.num_tasks):
-            self._run_task(task, start_epoch if task == start_task else 0, resuming=resume and task == start_task)
+            first = task == start_task
+            self._run_task(task, start_epoch if first else 0, resuming=resume and first,
+                           skip_steps=skip_steps if first else 0)
+            if task + 1 < self.scenario.num_tasks:
+                self._stop_if_asked(f"after task {task}", ckpt.checkpoint_name(task, None))
         results = self.results(complete=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -257,11 +299,12 @@ class Trainer:
             self.model.head.add_task(self.scenario.task_sizes[index]).to(self.accelerator.device)
             self.method.grow(self.model, self.context(index))
 
-    def _run_task(self, task: int, start_epoch: int, resuming: bool) -> None:
+    def _run_task(self, task: int, start_epoch: int, resuming: bool, skip_steps: int = 0) -> None:
         accelerator = self.accelerator
         self._timings = {}
         self._task = task
-        if not resuming or start_epoch == 0:
+        mid_task = resuming and (start_epoch > 0 or skip_steps > 0)
+        if not mid_task:
             self._seed(task)
             self._add_heads_until(task)
         ctx = self.context(task)
@@ -271,16 +314,19 @@ class Trainer:
                    disable=not accelerator.is_local_main_process, leave=False)
         # With no epochs the model is still prepared: save_state checkpoints what the accelerator holds.
         prepared = self._prepare_training(ctx, epochs) if epochs > 0 else accelerator.prepare_model(self.model)
-        if resuming and start_epoch > 0:
+        if mid_task:
             accelerator.load_state(str(self._resume_from))
         with self._timer("train"):
             for epoch in range(start_epoch, epochs):
-                self._train_epoch(prepared, ctx, epoch)
+                self._train_epoch(prepared, ctx, epoch, skip_steps if epoch == start_epoch else 0)
                 bar.update(1)
                 if self.config.train.checkpoint_every_epoch and epoch + 1 < epochs:
                     self._save_checkpoint(task, epoch)
         bar.close()
         self.method.after_training(self.model, ctx)
+        stage = f"{self.config.method.name} after training"
+        ensure_finite_tensors(self.model.named_parameters(), "parameter", stage, task)
+        ensure_finite_tensors(flat_tensors(self.method.state_dict()), "method state", stage, task)
         with self._timer("evaluation"):
             correct, totals = self.evaluate(ctx)
             if self.method.needs_task_id:
@@ -317,24 +363,33 @@ class Trainer:
         optimizer = build_optimizer(groups, self.config.train)
         scheduler = build_scheduler(optimizer, self.config.train, epochs)
         model, optimizer, loader, scheduler = accelerator.prepare(self.model, optimizer, loader, scheduler)
-        return {"model": model, "optimizer": optimizer, "loader": loader, "scheduler": scheduler, "dataset": dataset}
+        return {"model": model, "optimizer": optimizer, "loader": loader, "scheduler": scheduler, "dataset": dataset,
+                "sampler": sampler}
 
-    def _train_epoch(self, prepared: dict, ctx: TaskContext, epoch: int) -> None:
+    def _train_epoch(self, prepared: dict, ctx: TaskContext, epoch: int, skip_steps: int = 0) -> None:
+        """One epoch; with ``skip_steps`` > 0 the rest of an epoch a preempted run stopped in (its RNG state was
+        restored with the checkpoint, its first ``skip_steps`` micro-batches are left out)."""
         accelerator = self.accelerator
         model, optimizer = prepared["model"], prepared["optimizer"]
-        self._seed(ctx.task, epoch + 1)
+        if not skip_steps:
+            self._seed(ctx.task, epoch + 1)
         # accelerate's loader re-sets its sampler's (and sometimes the dataset's) epoch to its own iteration count
         # when iterated, which restarts at 0 after a resume: give it the real epoch.
         prepared["loader"].set_epoch(epoch)
         prepared["dataset"].set_epoch(epoch)
+        # Micro-batches are shared out over processes in turn: skipping k per process skips k x world batches.
+        prepared["sampler"].skip_next(skip_steps * self.micro_batch * accelerator.num_processes)
         self.method.before_epoch(self.model, ctx, epoch)
         model.train()
-        for step, (images, labels) in enumerate(prepared["loader"]):
+        batches = iter(prepared["loader"])
+        if skip_steps:  # the loader's first draw from the global RNG was made before the checkpoint's RNG state
+            with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+                first = next(batches, None)
+            batches = itertools.chain([first] if first is not None else [], batches)
+        for step, (images, labels) in enumerate(batches, start=skip_steps):
             with accelerator.accumulate(model):
                 loss = self.method.training_loss(model, images, labels, ctx)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"task {ctx.task}, epoch {epoch}, step {step}: loss is {loss.item()}; "
-                                           "the last finished task's checkpoint is kept (lower train.lr?)")
+                ensure_finite_loss(loss, "training", ctx.task, epoch, step, hint=" (lower train.lr?)")
                 accelerator.backward(loss)
                 if self.config.train.grad_clip is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
@@ -342,6 +397,10 @@ class Trainer:
                 if accelerator.sync_gradients:
                     self.method.after_optimizer_step(self.model, ctx)
                 optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                self._stop_if_asked(f"task {ctx.task}, epoch {epoch}, step {step}", None, (ctx.task, epoch, step))
+        trainable = ((name, p) for name, p in self.model.named_parameters() if p.requires_grad)
+        ensure_finite_tensors(trainable, "parameter", "training", ctx.task, epoch, hint=" (lower train.lr?)")
         prepared["scheduler"].step()
 
     def evaluate(self, ctx: TaskContext) -> tuple[list[int], list[int]]:
@@ -353,10 +412,24 @@ class Trainer:
         return self.evaluator.task_incremental(self.model, ctx)
 
     # -- checkpoints --------------------------------------------------------------------------------
-    def _save_checkpoint(self, task: int, epoch: int | None) -> None:
+    def _stop_if_asked(self, where: str, saved: str | None, position: tuple[int, int, int] | None = None) -> None:
+        """At a safe point: if any process got SIGTERM / SIGINT, write the checkpoint of ``position`` (task, epoch,
+        step) unless ``saved`` names one just written, and raise ``Preempted`` on every process."""
+        number = self._stop.agreed(self.accelerator)
+        if number is None:
+            return
+        if saved is None:
+            self._save_checkpoint(*position)
+            saved = ckpt.checkpoint_name(*position)
+            if self.accelerator.is_main_process:
+                write_run_outputs(self.run_dir, self.results(complete=False))
+        raise Preempted(f"stopped by {signal.Signals(number).name} {where}; checkpoint {self.checkpoint_root / saved} "
+                        "is complete", number)
+
+    def _save_checkpoint(self, task: int, epoch: int | None, step: int | None = None) -> None:
         """``accelerator.save_state`` into a staging folder, renamed into place once complete."""
         accelerator = self.accelerator
-        name = ckpt.checkpoint_name(task, epoch)
+        name = ckpt.checkpoint_name(task, epoch, step)
         logger.info(f"task {task + 1}: saving checkpoint {name}", main_process_only=True)
         staging = self.checkpoint_root / f".staging_{name}"
         try:
@@ -369,7 +442,7 @@ class Trainer:
                 # The adapter alone too, in peft's format, for use outside slca_kit.
                 save_file(adapter_state_dict(self.model.backbone), str(staging / ADAPTER_FILE))
             if accelerator.is_main_process:
-                progress = {"task": task, "epoch": epoch, "head_sizes": self.model.head.task_sizes}
+                progress = {"task": task, "epoch": epoch, "step": step, "head_sizes": self.model.head.task_sizes}
                 ckpt.finalize(staging, self.checkpoint_root / name, progress, self.config.train.keep_checkpoints)
         except OSError as err:  # out of disk, permissions, ...
             shutil.rmtree(staging, ignore_errors=True)
@@ -378,8 +451,9 @@ class Trainer:
                                   f"the previous checkpoint is intact: {previous or 'none yet'}") from None
         accelerator.wait_for_everyone()
 
-    def _prepare_resume(self) -> tuple[int, int]:
-        """Rebuild heads up to the checkpoint, load it, and return the (task, epoch) to continue from."""
+    def _prepare_resume(self) -> tuple[int, int, int]:
+        """Rebuild heads up to the checkpoint, load it, and return the (task, epoch, micro-batches of that epoch
+        already done) to continue from."""
         latest = ckpt.latest_valid_checkpoint(self.checkpoint_root, warn=logger.warning)
         if latest is None:
             raise CheckpointError(f"--resume: no complete, undamaged checkpoint under {self.checkpoint_root}")
@@ -396,11 +470,12 @@ class Trainer:
             self.accelerator.load_state(str(latest))
             self.model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
             self.accelerator.free_memory()
-            return task + 1, 0
+            return task + 1, 0, 0
         # Mid-task: model, optimizer and scheduler are rebuilt for the task, then loaded in _run_task. The method's
         # state is needed earlier, when the task's data is built (a replay buffer adds its exemplars).
         self.state.load_state_dict(torch.load(latest / RUN_STATE_FILE, weights_only=False))
-        return task, epoch + 1
+        step = progress.get("step")
+        return (task, epoch + 1, 0) if step is None else (task, epoch, step + 1)
 
     def load_for_eval(self, checkpoint: Path) -> int:
         """Load a checkpoint for evaluation only; returns the last finished task."""
@@ -429,6 +504,7 @@ class Trainer:
             "evaluation": self.evaluator.protocol(),
             **matrix.summary(),
             "task_incremental": self.state.task_matrix.summary() if self.state.task_matrix.num_rows else None,
+            "config_changes": read_config_changes(self.run_dir),  # accepted with --resume --allow-config-change
             "tasks": self.state.task_records,
             "config": self.config.to_dict(),
         }

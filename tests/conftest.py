@@ -79,8 +79,8 @@ def interrupt_after(trainer, task: int) -> None:
     """Make ``trainer.run()`` raise Interrupted right after task ``task`` finished (checkpoint written)."""
     original = trainer._run_task
 
-    def run_task(index, start_epoch, resuming):
-        original(index, start_epoch, resuming)
+    def run_task(index, *rest, **kwargs):
+        original(index, *rest, **kwargs)
         if index == task:
             raise Interrupted
 
@@ -91,9 +91,9 @@ def interrupt_before_epoch(trainer, task: int, epoch: int) -> None:
     """Make ``trainer.run()`` raise Interrupted when epoch ``epoch`` of task ``task`` is about to start."""
     original = trainer._train_epoch
 
-    def train_epoch(prepared, ctx, current):
+    def train_epoch(prepared, ctx, current, *rest):
         if ctx.task == task and current == epoch:
             raise Interrupted
-        original(prepared, ctx, current)
+        original(prepared, ctx, current, *rest)
 
     trainer._train_epoch = train_epoch

@@ -90,5 +90,5 @@ def test_end_to_end_and_evaluation_head_scales(tiny_npz, tmp_path):
 
 def test_needs_a_lora_adapter(tiny_npz, tmp_path):
     recipe = tiny_recipe(tiny_npz, tmp_path, method="slca_pp")
-    with pytest.raises(ConfigError, match="method slca_pp: needs a LoRA adapter"):
+    with pytest.raises(ConfigError, match="adapter.type: method slca_pp needs a LoRA adapter"):
         Trainer(config_from_dict(recipe))

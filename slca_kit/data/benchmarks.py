@@ -67,7 +67,7 @@ def apply_benchmark_preset(recipe: dict) -> dict:
     name = data.get("benchmark") if isinstance(data, dict) else None
     if name is None:
         return recipe
-    if name not in BENCHMARKS:
+    if not isinstance(name, str) or name not in BENCHMARKS:
         raise ConfigError(f"data.benchmark: unknown benchmark {name!r}; valid: {', '.join(sorted(BENCHMARKS))}")
     preset = {key: value for key, value in BENCHMARKS[name].items() if key != "hub"}
     if "hub" in BENCHMARKS[name]:

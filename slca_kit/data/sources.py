@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import abc
 import io
+import zipfile
+import zlib
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +19,32 @@ from PIL import Image
 
 from ..config import DataConfig
 from ..errors import DataError, UnreadableImage
+from .scenario import Scenario
 from .splits import dualprompt_split, fingerprint, listed_split, resolved_split, stratified_split
+
+
+def integer_labels(labels: Any, name: str) -> np.ndarray:
+    """Labels as int64, refusing what a cast would silently change: fractional or non-finite floats, and values
+    that are not numbers. Whole-number floats (1.0, 2.0) are accepted."""
+    values = np.asarray(labels)
+    if values.ndim != 1:
+        raise DataError(f"{name}: labels must be one integer per image, got an array of shape {values.shape}")
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    if values.dtype.kind != "f":
+        raise DataError(f"{name}: labels must be integers, got {values.dtype} values")
+    bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+    if len(bad):
+        raise DataError(f"{name}: labels must be whole numbers (class ids 0..K-1), found {values[bad[0]].item()!r} at "
+                        f"position {bad[0]} ({len(bad)} such labels)")
+    return values.astype(np.int64)
 
 
 class ImageSplit(abc.ABC):
     """One split: ``labels`` (int64 array) and ``image(i)`` -> RGB PIL image."""
 
     def __init__(self, labels: np.ndarray, name: str):
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = integer_labels(labels, name)
         self.name = name
 
     def __len__(self) -> int:
@@ -151,18 +171,24 @@ def _load_digits(cfg: DataConfig) -> LoadedData:
 
 def _load_arrays(cfg: DataConfig) -> LoadedData:
     path = Path(cfg.path)
-    try:
-        arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"data.path: cannot read {path} as .npz: {err}") from None
-    missing = [key for key in cfg.array_keys.values() if key not in arrays.files]
-    if missing:
-        raise DataError(f"data.path: {path} has no arrays {missing}; it has {arrays.files} (set data.array_keys)")
     keys = cfg.array_keys
-    train = ArraySplit(arrays[keys["train_x"]], arrays[keys["train_y"]], f"{path.name}/train")
-    test = ArraySplit(arrays[keys["test_x"]], arrays[keys["test_y"]], f"{path.name}/test")
-    n = int(max(train.labels.max(), test.labels.max())) + 1
-    names = [str(c) for c in arrays["classes"]] if "classes" in arrays.files else [str(i) for i in range(n)]
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"data.path: {path} is not an .npz file (the zip archive of arrays np.savez writes)")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = [key for key in keys.values() if key not in arrays.files]
+            if missing:
+                raise DataError(f"data.path: {path} has no arrays {missing}; it has {arrays.files} "
+                                "(set data.array_keys)")
+            loaded = {name: arrays[key] for name, key in keys.items()}
+            classes = arrays["classes"] if "classes" in arrays.files else None
+    # a truncated or foreign file fails in zipfile, zlib or NumPy's header parser, each with its own type
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"data.path: cannot read {path} as .npz: {err}") from None
+    train = ArraySplit(loaded["train_x"], loaded["train_y"], f"{path.name}/train")
+    test = ArraySplit(loaded["test_x"], loaded["test_y"], f"{path.name}/test")
+    n = max((int(split.labels.max()) for split in (train, test) if len(split)), default=-1) + 1
+    names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(n)]
     return LoadedData(train, test, names)
 
 
@@ -255,6 +281,24 @@ def apply_split(cfg: DataConfig, data: LoadedData) -> LoadedData:
     return data
 
 
+def check_images_per_class(data: LoadedData, scenario: Scenario, needed: int, why: str) -> None:
+    """Before any work: every class has at least ``needed`` training images (``why`` says which method step
+    needs them) and every task of ``scenario`` has test images to measure."""
+    counts = np.bincount(data.train.labels, minlength=data.num_classes)
+    short = np.flatnonzero(counts < needed)
+    if len(short):
+        label = int(short[0])
+        raise DataError(f"{data.train.name}: class {data.class_names[label]!r} (label {label}) has {counts[label]} "
+                        f"training image(s), {why} needs at least {needed} per class"
+                        + (f" ({len(short)} classes short)" if len(short) > 1 else ""))
+    tests = np.bincount(data.test.labels, minlength=data.num_classes)
+    for task in range(scenario.num_tasks):
+        originals = [scenario.class_order[c] for c in scenario.task_classes(task)]
+        if tests[originals].sum() == 0:
+            raise DataError(f"{data.test.name}: task {task} (classes {[data.class_names[c] for c in originals][:5]}) "
+                            "has no test images, so its accuracy is undefined")
+
+
 def _subsample(split: ImageSplit, per_class: int, seed: int) -> ImageSplit:
     rng = np.random.RandomState(seed)
     keep = []
@@ -280,14 +324,18 @@ def drop_unreadable(split: ImageSplit) -> tuple[ImageSplit, list[dict]]:
 
 def load_data(cfg: DataConfig) -> LoadedData:
     """Load train/test splits and check labels against ``data.num_classes``."""
-    data = apply_split(cfg, LOADERS[cfg.source](cfg))
+    data = LOADERS[cfg.source](cfg)
+    for split in (data.train, data.test):
+        if split is not None and len(split) == 0:
+            raise DataError(f"{split.name}: the split has no images")
+    data = apply_split(cfg, data)
     if cfg.bad_images == "skip" and cfg.source != "arrays":  # arrays are always decodable
         data.train, bad_train = drop_unreadable(data.train)
         data.test, bad_test = drop_unreadable(data.test)
         data.skipped = bad_train + bad_test
     for split in (data.train, data.test):
         if len(split) == 0:
-            raise DataError(f"{split.name}: the split is empty")
+            raise DataError(f"{split.name}: the split has no images (data.split / data.bad_images left none)")
         if split.labels.min() < 0:
             raise DataError(f"{split.name}: labels must be >= 0, found {split.labels.min()}")
     present = np.unique(data.train.labels)

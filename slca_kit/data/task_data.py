@@ -46,19 +46,27 @@ class TaskDataset(Dataset):
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A permutation drawn from (seed, epoch): the order of any epoch can be reproduced after a resume."""
+    """A permutation drawn from (seed, epoch): the order of any epoch can be reproduced after a resume, and
+    ``skip_next`` leaves out its first samples once, to continue an epoch where a preempted run stopped."""
 
     def __init__(self, length: int, seed: int):
         self.length = length
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def skip_next(self, count: int) -> None:
+        """The next pass starts at position ``count`` of the epoch's permutation."""
+        self.skip = count
+
     def __len__(self) -> int:
-        return self.length
+        return max(self.length - self.skip, 0)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        order = torch.randperm(self.length, generator=generator).tolist()[self.skip:]
+        self.skip = 0
+        return iter(order)

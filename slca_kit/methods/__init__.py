@@ -45,7 +45,12 @@ def validate_method_params(name: str, params):
     cls = method_class(name)
     if dataclasses.is_dataclass(params):
         params = dataclasses.asdict(params)
-    return build_dataclass(cls.Params, params, "method.params")
+    params = build_dataclass(cls.Params, params, "method.params")
+    for field in dataclasses.fields(params):  # lrs, epochs, sizes, weights, thresholds: none is negative
+        value = getattr(params, field.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"method.params.{field.name}: must be >= 0, got {value}")
+    return params
 
 
 def build_method(config) -> Method:

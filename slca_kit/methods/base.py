@@ -7,12 +7,24 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 if TYPE_CHECKING:  # imported for type hints only
     from accelerate import Accelerator
 
     from ..config import Config
     from ..data.scenario import Scenario
     from ..models.continual import ContinualModel
+
+
+def require_positive(params: Any, *names: str) -> None:
+    """For a ``Params.__post_init__``: refuse 0 where it is certain to break a run (a temperature divides, a batch
+    size or sample count of 0 averages over nothing). Negative values of every numeric parameter are refused for
+    all methods by ``validate_method_params``."""
+    for name in names:
+        value = getattr(params, name)
+        if value is not None and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"method.params.{name}: must be > 0, got {value}")
 
 
 @dataclass
@@ -77,6 +89,11 @@ class Method:
 
     def train_epochs(self, ctx: TaskContext) -> int:
         return self.config.train.epochs
+
+    def training_images_needed(self) -> tuple[int, str]:
+        """The fewest training images per class this method works with, and the step that needs them (checked on
+        the data before any work)."""
+        return 1, self.name
 
     def extra_training_samples(self, ctx: TaskContext) -> list[int]:
         """Indices into the training split added to the task's data (a replay buffer's exemplars)."""

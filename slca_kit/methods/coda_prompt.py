@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.prompts import PromptedViT
-from .base import Method, TaskContext
+from .base import Method, TaskContext, require_positive
 
 
 def gram_schmidt_rows(existing: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -62,6 +62,9 @@ class CodaPrompt(Method):
         pool_size: int = 100
         length: int = 8
         ortho_mu: float = 0.0
+
+        def __post_init__(self):
+            require_positive(self, "pool_size", "length")
 
     def __init__(self, params, config):
         super().__init__(params, config)

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Method, TaskContext
+from ..finite import ensure_finite_loss
+from .base import Method, TaskContext, require_positive
 
 NEVER = 2**31 - 1  # "not retired"
 
@@ -204,6 +205,9 @@ class DEN(Method):
         expand_units: int = 10  # (ex_k) units added per hidden layer
         split_threshold: float = 0.05  # (spl_thr) drift above which a unit is split
 
+        def __post_init__(self):
+            require_positive(self, "batch_size")
+
     def __init__(self, params, config):
         super().__init__(params, config)
         self.history: list[dict] = []
@@ -231,13 +235,14 @@ class DEN(Method):
         params = [named[name] for name in trainable]
         optimizer = torch.optim.Adam(params, lr=self.params.lr)
         generator = torch.Generator(device=features.device).manual_seed(self.config.train.seed * 1_000 + task)
-        for _ in range(self.params.epochs):
+        for epoch in range(self.params.epochs):
             order = torch.randperm(len(features), generator=generator, device=features.device)
-            for start in range(0, len(order), self.params.batch_size):
+            for step, start in enumerate(range(0, len(order), self.params.batch_size)):
                 batch = order[start:start + self.params.batch_size]
                 loss = F.cross_entropy(network.task_logits(features[batch], task), targets[batch])
                 if penalty is not None:
                     loss = loss + penalty()
+                ensure_finite_loss(loss, "den network", task, epoch, step, hint=" (lower method.params.lr?)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 for name, p in zip(trainable, params):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.prompts import PromptedViT
-from .base import Method, TaskContext
+from .base import Method, TaskContext, require_positive
 from .l2p import select_top_k
 
 
@@ -48,6 +48,9 @@ class DualPrompt(Method):
         # separately (engine.py:150-152) in batches of --batch-size 24 (:4, datasets.py:94-97).
         batchwise_prompt: bool = True
         test_batch_size: int = 24
+
+        def __post_init__(self):
+            require_positive(self, "e_pool_size", "e_length", "test_batch_size")
 
     def __init__(self, params, config):
         super().__init__(params, config)

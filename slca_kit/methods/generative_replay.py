@@ -19,7 +19,8 @@ from torch import nn
 
 from ..alignment import ClassMoments, cholesky_with_jitter
 from ..errors import ConfigError
-from .base import Method, TaskContext
+from ..finite import ensure_finite_loss
+from .base import Method, TaskContext, require_positive
 
 
 class ConditionalVAE(nn.Module):
@@ -77,6 +78,7 @@ class GenerativeFeatureReplay(Method):
         cvae_batch_size: int = 64
 
         def __post_init__(self):
+            require_positive(self, "cvae_hidden", "cvae_latent", "cvae_batch_size")
             if self.generator not in ("cvae", "gaussian"):
                 raise ConfigError(f"method.params.generator: {self.generator!r} is not one of cvae, gaussian")
             if self.replay_ratio < 0:
@@ -85,6 +87,11 @@ class GenerativeFeatureReplay(Method):
     def __init__(self, params, config):
         super().__init__(params, config)
         self.generators = nn.ModuleList()  # one per finished task, over that task's classes
+
+    def training_images_needed(self) -> tuple[int, str]:
+        if self.params.generator == "gaussian":
+            return 2, "generative_replay's gaussian generator (a class covariance)"
+        return 1, self.name
 
     def before_task(self, model, ctx: TaskContext) -> None:
         model.head.requires_grad_(True)
@@ -132,11 +139,13 @@ class GenerativeFeatureReplay(Method):
             torch.manual_seed(self.config.train.seed * 1_000 + ctx.task)
             cvae = ConditionalVAE(features.shape[1], num_classes, params.cvae_hidden, params.cvae_latent).to(ctx.device)
             optimizer = torch.optim.Adam(cvae.parameters(), lr=params.cvae_lr)
-            for _ in range(params.cvae_epochs):
+            for epoch in range(params.cvae_epochs):
                 order = torch.randperm(len(features), device=features.device)
-                for start in range(0, len(order), params.cvae_batch_size):
+                for step, start in enumerate(range(0, len(order), params.cvae_batch_size)):
                     batch = order[start:start + params.cvae_batch_size]
                     loss = cvae.loss(features[batch], classes[batch])
+                    ensure_finite_loss(loss, "cvae generator", ctx.task, epoch, step,
+                                       hint=" (lower method.params.cvae_lr?)")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Method, TaskContext
+from ..errors import ConfigError
+from .base import Method, TaskContext, require_positive
 
 
 class InfLoRAQKV(nn.Module):
@@ -125,6 +126,12 @@ class InfLoRA(Method):
         rank: int = 10  # "rank": 10
         lamb: float = 0.95  # DualGPM threshold at the first task: 0.95 CIFAR, 0.98 ImageNet-R
         lame: float = 1.0  # threshold at the last task; (lame - lamb) t / T + lamb in between (inflora.py:322)
+
+        def __post_init__(self):
+            require_positive(self, "rank")
+            for name in ("lamb", "lame"):  # a share of the input energy (inflora.py:322)
+                if getattr(self, name) > 1:
+                    raise ConfigError(f"method.params.{name}: a threshold in [0, 1], got {getattr(self, name)}")
 
     def __init__(self, params, config):
         super().__init__(params, config)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.prompts import PromptedViT
-from .base import Method, TaskContext
+from .base import Method, TaskContext, require_positive
 
 
 def select_top_k(query: torch.Tensor, keys: torch.Tensor, top_k: int, batchwise: bool) -> tuple[torch.Tensor,
@@ -60,6 +60,12 @@ class L2P(Method):
         # Batch-wise selection makes a test prediction depend on its batch: the official code evaluates each
         # task's test set separately (train_continual.py:458-473) in per-device batches of 16 (cifar100_l2p.py:25).
         test_batch_size: int = 16
+
+        def __post_init__(self):
+            require_positive(self, "pool_size", "length", "top_k", "test_batch_size")
+            if self.top_k > self.pool_size:
+                raise ConfigError(f"method.params.top_k: {self.top_k} prompts cannot be chosen from a pool of "
+                                  f"{self.pool_size} (pool_size)")
 
     def __init__(self, params, config):
         super().__init__(params, config)

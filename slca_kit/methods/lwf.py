@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Method, TaskContext
+from .base import Method, TaskContext, require_positive
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,6 +30,9 @@ class LwF(Method):
         backbone_lr_scale: float = 1.0  # LwF fine-tunes all weights with one lr
         temperature: float = 2.0  # T = 2 (Li & Hoiem, Sec. 3)
         distill_lambda: float = 1.0  # lambda_o = 1 (Li & Hoiem, Sec. 3)
+
+        def __post_init__(self):
+            require_positive(self, "temperature")
 
     def __init__(self, params, config):
         super().__init__(params, config)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.heads import IncrementalHead
-from .base import Method, TaskContext
+from .base import Method, TaskContext, require_positive
 
 
 class Column(nn.Module):
@@ -157,6 +157,7 @@ class ProgressiveNetworks(Method):
         adapter_rank: int = 64  # adapter columns: bottleneck width (AdaptFormer's 64)
 
         def __post_init__(self):
+            require_positive(self, "adapter_rank")
             if self.column not in ("mlp", "adapter"):
                 raise ConfigError(f"method.params.column: {self.column!r} is not one of mlp, adapter")
 

@@ -18,6 +18,7 @@ from typing import Callable, ClassVar
 import torch
 from torch.func import functional_call, grad, vmap
 
+from ..finite import ensure_finite_tensors
 from .base import Method, TaskContext
 
 
@@ -80,6 +81,7 @@ class ImportanceRegularizer(Method, abc.ABC):
     def after_training(self, model, ctx: TaskContext) -> None:
         with ctx.timer("importance"):
             task_importance = self.task_importance(model, ctx)
+        ensure_finite_tensors(task_importance.items(), "importance of", f"{self.name} importance", ctx.task)
         # A copy: on CPU, .float().cpu() of a float32 parameter would be the live parameter itself.
         current = {name: p.detach().float().cpu().clone() for name, p in tracked_parameters(model).items()}
         self.consolidate({name: b.float().cpu() for name, b in task_importance.items()}, current)

@@ -14,7 +14,7 @@ import torch
 
 from ..alignment import AlignmentSettings, ClassMoments, align_classifier, cholesky_with_jitter
 from ..models.heads import IncrementalHead
-from .base import Method, TaskContext
+from .base import Method, TaskContext, require_positive
 
 
 class SLCA(Method):
@@ -34,12 +34,19 @@ class SLCA(Method):
         mean_shrink: bool = True  # older tasks' means shrink toward 0.9x (slca.md, Stage 2)
         keep_aligned_heads: bool = False  # reference restores the stage-1 heads after each task
 
+        def __post_init__(self):
+            require_positive(self, "samples_per_class", "ca_batch_size", "logit_norm_tau")
+
     def __init__(self, params, config):
         super().__init__(params, config)
         self.means = torch.zeros(0, 0, dtype=torch.float64)  # [seen, d], float64 as in the reference
         self.covs = torch.zeros(0, 0, 0)  # [seen, d, d], float32 as in the reference
         self.aligned_head: IncrementalHead | None = None
         self.alignment_losses: list[list[float]] = []
+
+    def training_images_needed(self) -> tuple[int, str]:
+        # an unbiased covariance, as torch.cov in GengDavid/SLCA models/base.py:262
+        return 2, f"{self.name}'s class covariance"
 
     def before_task(self, model, ctx: TaskContext) -> None:
         super().before_task(model, ctx)

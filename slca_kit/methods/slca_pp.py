@@ -70,7 +70,7 @@ class SLCAPlusPlus(SLCA):
     def __init__(self, params, config):
         super().__init__(params, config)
         if config.adapter.type not in ("lora", "dora"):
-            raise ConfigError("method slca_pp: needs a LoRA adapter, e.g. adapter: {type: lora, r: 4, "
+            raise ConfigError("adapter.type: method slca_pp needs a LoRA adapter, e.g. adapter: {type: lora, r: 4, "
                               "lora_alpha: 3.2, target_modules: 'blocks\\.\\d+\\.attn\\.qkv', "
                               "train_backbone: [norm, bias, cls_token]} (see recipes/*/slca_pp.yaml)")
 

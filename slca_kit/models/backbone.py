@@ -103,7 +103,11 @@ def create_backbone(cfg: BackboneConfig) -> nn.Module:
         model = timm.create_model(cfg.name, pretrained=True,
                                   pretrained_cfg_overlay=dict(file=str(weights), custom_load=True), **kwargs)
     else:
-        model = timm.create_model(cfg.name, pretrained=cfg.pretrained and weights is None, **kwargs)
+        try:
+            model = timm.create_model(cfg.name, pretrained=cfg.pretrained and weights is None, **kwargs)
+        except (TypeError, ValueError, AssertionError, ZeroDivisionError) as err:  # kwargs timm cannot build
+            raise ConfigError(f"backbone.model_kwargs: timm cannot build {cfg.name} with {cfg.model_kwargs}: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         if weights is not None:
             load_weights_file(model, weights, cfg.weights_key)
     if cfg.replace_final_norm and isinstance(getattr(model, "norm", None), nn.LayerNorm):
