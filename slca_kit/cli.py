@@ -24,7 +24,7 @@ def _split_recipe(args: list[str]) -> tuple[Path, list[str]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .config import load_config
+    from .resolve import load_config
     from .trainer import Trainer, configure_logging
 
     configure_logging()
@@ -46,7 +46,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     from . import checkpoint as ckpt
-    from .config import load_config
+    from .resolve import load_config
     from .trainer import Trainer, configure_logging
 
     configure_logging()

@@ -1,7 +1,9 @@
 """Typed run configuration: YAML recipe (with ``extends``) + ``key=value`` overrides -> validated dataclasses.
 
 Every hyper-parameter has the paper's / reference code's value as its default, with the source in a comment.
-Method-specific hyper-parameters live in each method's own ``Params`` dataclass (see ``slca_kit.methods``).
+Method-specific hyper-parameters live in each method's own ``Params`` dataclass (see ``slca_kit.methods``). This is
+the bottom layer: it imports neither ``data`` nor ``methods``; ``slca_kit.resolve`` merges benchmark presets and
+types method parameters on top of it.
 """
 from __future__ import annotations
 
@@ -357,11 +359,10 @@ def expand_env(text: str) -> str:
 PATH_KEYS = (("data", "path"), ("backbone", "weights"), ("backbone", "card"))  # ${VAR} expanded
 
 
-def config_from_dict(data: dict) -> Config:
-    from .data.benchmarks import apply_benchmark_preset
-    from .methods import validate_method_params
-
-    data = apply_benchmark_preset(copy.deepcopy(data))
+def build_config(data: dict) -> Config:
+    """A recipe dict whose benchmark preset is already merged (``slca_kit.resolve``) -> a validated ``Config``;
+    ``method.params`` stays a mapping, typed by the method layer above this one."""
+    data = copy.deepcopy(data)
     for section, key in PATH_KEYS:
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str):
@@ -378,13 +379,7 @@ def config_from_dict(data: dict) -> Config:
         data["adapter"] = {**adapter, "options": {**options, **extra}}
     cfg = build_dataclass(Config, data, "")
     validate_config(cfg)
-    cfg.method.params = validate_method_params(cfg.method.name, cfg.method.params)
     return cfg
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    data = load_recipe_dict(path) if path is not None else {}
-    return config_from_dict(apply_overrides(data, overrides or []))
 
 
 def _check_positive(value: Any, key: str, allow_zero: bool = False) -> None:

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slca_kit import checkpoint as ckpt
-from slca_kit.config import AdapterConfig, BackboneConfig, config_from_dict
+from slca_kit.config import AdapterConfig, BackboneConfig
+from slca_kit.resolve import config_from_dict
 from slca_kit.errors import ConfigError
 from slca_kit.models import build_model
 from slca_kit.models.adapters import adapter_types, load_adapter_state_dict

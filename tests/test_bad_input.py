@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from slca_kit import checkpoint as ckpt
-from slca_kit.config import apply_overrides, config_from_dict, load_config, load_recipe_dict
+from slca_kit.config import apply_overrides, load_recipe_dict
+from slca_kit.resolve import config_from_dict, load_config
 from slca_kit.errors import (CheckpointError, ConfigError, DataError, Preempted, RunFolderBusy, SlcaKitError,
                              TrainingDiverged)
 from slca_kit.trainer import Trainer
@@ -109,7 +110,7 @@ RECIPE_CASES = [
     ("missing-array-key", lambda r, t: _set(r, "data.path", _npz(t / "bad.npz", x=np.zeros((2, 4, 4), np.uint8))),
      DataError, "has no arrays ['train_x'"),
     ("not-an-npz", lambda r, t: _set(r, "data.path", str((t / "text.npz").resolve()) if (t / "text.npz").write_text(
-        "hello") else ""), DataError, "cannot read"),
+        "hello") else ""), DataError, "text.npz is not a complete .npz file"),
     ("float-images", lambda r, t: _set(_set(r, "data.num_classes", 4), "data.path", _npz(
         t / "float.npz", train_x=np.zeros((4, 8, 8), np.float32), train_y=np.arange(4),
         test_x=np.zeros((4, 8, 8), np.float32), test_y=np.arange(4))), DataError, "images must be uint8"),

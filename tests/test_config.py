@@ -1,7 +1,8 @@
 """Recipe loading: overrides, extends, environment variables in paths, benchmark presets."""
 import pytest
 
-from slca_kit.config import apply_overrides, config_from_dict, load_recipe_dict
+from slca_kit.config import apply_overrides, load_recipe_dict
+from slca_kit.resolve import config_from_dict
 from slca_kit.errors import ConfigError
 
 from conftest import tiny_recipe, write_recipe
@@ -43,3 +44,15 @@ def test_benchmark_preset_fills_and_recipe_wins(tmp_path):
     cfg = config_from_dict({"data": {"benchmark": "cifar100"}})
     assert cfg.data.hub_id == "uoft-cs/cifar100" and cfg.data.label_column == "fine_label"
     assert cfg.data.mean == [0.5071, 0.4867, 0.4408]
+
+
+def test_the_config_layer_imports_neither_data_nor_methods():
+    """Presets and method parameters are resolved one layer up (slca_kit.resolve)."""
+    import ast
+    from pathlib import Path
+
+    import slca_kit.config
+
+    tree = ast.parse(Path(slca_kit.config.__file__).read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [m for m in imported if m.split(".")[0] in ("data", "methods")], imported

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from slca_kit.config import config_from_dict
+from slca_kit.resolve import config_from_dict
 from slca_kit.methods.inflora import DualGPM, InfLoRAQKV, design_down_projection
 from slca_kit.trainer import Trainer
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from slca_kit.config import Config, config_from_dict
+from slca_kit.config import Config
+from slca_kit.resolve import config_from_dict
 from slca_kit.data.scenario import Scenario
 from slca_kit.methods.den import DEN, DENNetwork, group_soft_threshold_, soft_threshold_
 from slca_kit.methods.generative_replay import ConditionalVAE, GaussianGenerator, GenerativeFeatureReplay

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from slca_kit import checkpoint as ckpt
-from slca_kit.config import config_from_dict
+from slca_kit.resolve import config_from_dict
 from slca_kit.errors import ConfigError, CheckpointError, Preempted, RunFolderBusy
 from slca_kit.run_folder import LOCK_FILE, RunLock, config_differences
 from slca_kit.trainer import Trainer

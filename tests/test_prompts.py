@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from slca_kit.config import config_from_dict
+from slca_kit.resolve import config_from_dict
 from slca_kit.methods.coda_prompt import gram_schmidt_rows
 from slca_kit.methods.l2p import select_top_k
 from slca_kit.models.prompts import PrefixAttention, PromptedViT

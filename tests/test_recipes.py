@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from slca_kit.cli import default_recipe_path
-from slca_kit.config import load_config
+from slca_kit.resolve import load_config
 
 from conftest import shared_path
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from slca_kit.alignment import AlignmentSettings, age_divisors
-from slca_kit.config import config_from_dict
+from slca_kit.resolve import config_from_dict
 from slca_kit.errors import ConfigError
 from slca_kit.methods.slca_pp import reverse_cross_entropy, svd_init_lora
 from slca_kit.trainer import Trainer

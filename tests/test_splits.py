@@ -6,7 +6,8 @@ import torch
 import yaml
 from PIL import Image
 
-from slca_kit.config import DataConfig, ScenarioConfig, config_from_dict
+from slca_kit.config import DataConfig, ScenarioConfig
+from slca_kit.resolve import config_from_dict
 from slca_kit.data import build_scenario
 from slca_kit.data.sources import _hub_splits, apply_split, load_data
 from slca_kit.errors import ConfigError, DataError

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from slca_kit import checkpoint as ckpt
-from slca_kit.config import config_from_dict
+from slca_kit.resolve import config_from_dict
 from slca_kit.methods import METHODS
 from slca_kit.trainer import Trainer
 

@@ -173,7 +173,8 @@ def _load_arrays(cfg: DataConfig) -> LoadedData:
     path = Path(cfg.path)
     keys = cfg.array_keys
     if not zipfile.is_zipfile(path):
-        raise DataError(f"data.path: {path} is not an .npz file (the zip archive of arrays np.savez writes)")
+        raise DataError(f"data.path: {path} is not a complete .npz file (the zip archive np.savez writes; "
+                        "truncated?)")
     try:
         with np.load(path, allow_pickle=False) as arrays:
             missing = [key for key in keys.values() if key not in arrays.files]
