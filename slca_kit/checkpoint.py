@@ -6,7 +6,9 @@ import hashlib
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
+from .errors import CheckpointError
 from .io import read_json, write_json_atomic
 
 PROGRESS_FILE = "progress.json"
@@ -104,3 +106,27 @@ def finalize(staging: Path, final: Path, progress: dict, keep: int) -> None:
 
 def read_progress(checkpoint: Path) -> dict:
     return read_json(checkpoint / PROGRESS_FILE)
+
+
+def save_state(accelerator, root: Path, name: str, progress: dict, keep: int,
+               extra_files: dict[str, Callable[[Path], None]] | None = None) -> None:
+    """``accelerator.save_state`` (every process) into ``root/.staging_NAME``, then ``extra_files`` (file name ->
+    writer, main process), ``progress.json`` and the rename to ``root/NAME``. An ``OSError`` (out of disk,
+    permissions) removes the staging folder and is raised as a ``CheckpointError``: the previous checkpoint stays the
+    latest complete one."""
+    staging = root / f".staging_{name}"
+    try:
+        if accelerator.is_main_process:
+            staging_dir(root, name)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for file_name, write in (extra_files or {}).items():
+                write(staging / file_name)
+            finalize(staging, root / name, progress, keep)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {name} under {root}: {err}; the previous checkpoint is "
+                              f"intact: {latest_checkpoint(root) or 'none yet'}") from None
+    accelerator.wait_for_everyone()

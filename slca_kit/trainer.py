@@ -11,7 +11,6 @@ import itertools
 import logging
 import math
 import resource
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -235,26 +234,28 @@ class Trainer:
         """Train every task (from the latest checkpoint with ``resume``). The run folder is locked meanwhile;
         SIGTERM / SIGINT stop it at the next safe point with a checkpoint (``Preempted``)."""
         lock = RunLock(self.run_dir)
-        self._on_all_processes(lambda: lock.acquire() if self.accelerator.is_main_process else None)
+        self._acquire(lock)
         try:
             with self._stop.installed():
                 return self._run(resume, allow_config_change, lock)
         finally:
             lock.release()
 
-    def _on_all_processes(self, action) -> None:
-        """Run ``action`` (main process only, by its own test) and raise its ``RunFolderBusy`` on every process."""
-        message = None
-        try:
-            action()
-        except RunFolderBusy as err:
-            message = str(err)
+    def _acquire(self, lock: RunLock) -> None:
+        """The main process locks the run folder; a refusal is raised on every process, so none is left waiting
+        in a collective."""
+        refusal = None
+        if self.accelerator.is_main_process:
+            try:
+                lock.acquire()
+            except RunFolderBusy as err:
+                refusal = str(err)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
-            message = broadcast_object_list([message])[0]
-        if message is not None:
-            raise RunFolderBusy(message)
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise RunFolderBusy(refusal)
 
     def _run(self, resume: bool, allow_config_change: bool, lock: RunLock) -> dict:
         accelerator = self.accelerator
@@ -427,29 +428,14 @@ class Trainer:
                         "is complete", number)
 
     def _save_checkpoint(self, task: int, epoch: int | None, step: int | None = None) -> None:
-        """``accelerator.save_state`` into a staging folder, renamed into place once complete."""
-        accelerator = self.accelerator
         name = ckpt.checkpoint_name(task, epoch, step)
         logger.info(f"task {task + 1}: saving checkpoint {name}", main_process_only=True)
-        staging = self.checkpoint_root / f".staging_{name}"
-        try:
-            if accelerator.is_main_process:
-                ckpt.staging_dir(self.checkpoint_root, name)
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(staging))
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process and self.model.adapter_parameter_names:
-                # The adapter alone too, in peft's format, for use outside slca_kit.
-                save_file(adapter_state_dict(self.model.backbone), str(staging / ADAPTER_FILE))
-            if accelerator.is_main_process:
-                progress = {"task": task, "epoch": epoch, "step": step, "head_sizes": self.model.head.task_sizes}
-                ckpt.finalize(staging, self.checkpoint_root / name, progress, self.config.train.keep_checkpoints)
-        except OSError as err:  # out of disk, permissions, ...
-            shutil.rmtree(staging, ignore_errors=True)
-            previous = ckpt.latest_checkpoint(self.checkpoint_root)
-            raise CheckpointError(f"could not write checkpoint {name} under {self.checkpoint_root}: {err}; "
-                                  f"the previous checkpoint is intact: {previous or 'none yet'}") from None
-        accelerator.wait_for_everyone()
+        extra = {}
+        if self.model.adapter_parameter_names:  # the adapter alone too, in peft's format, for use outside slca_kit
+            extra[ADAPTER_FILE] = lambda path: save_file(adapter_state_dict(self.model.backbone), str(path))
+        progress = {"task": task, "epoch": epoch, "step": step, "head_sizes": self.model.head.task_sizes}
+        ckpt.save_state(self.accelerator, self.checkpoint_root, name, progress, self.config.train.keep_checkpoints,
+                        extra)
 
     def _prepare_resume(self) -> tuple[int, int, int]:
         """Rebuild heads up to the checkpoint, load it, and return the (task, epoch, micro-batches of that epoch
