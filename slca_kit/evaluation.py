@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data.task_data import TaskDataset
 from .errors import TrainingDiverged
 from .finite import KEPT
+from .preemption import ignore_stop_signals
 
 if TYPE_CHECKING:  # imported for type hints only
     from accelerate import Accelerator
@@ -76,11 +77,12 @@ class Evaluator:
         group = self.method.evaluation_batch()
         if group is None:
             loader = DataLoader(self.shard(dataset), batch_size=self.config.train.eval_batch_size,
-                                num_workers=workers)
+                                num_workers=workers, worker_init_fn=ignore_stop_signals)
         else:
             batches = per_task_batches(len(dataset), group, self.accelerator.process_index,
                                        self.accelerator.num_processes)
-            loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+            loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                worker_init_fn=ignore_stop_signals)
         for images, labels in loader:
             yield images.to(self.accelerator.device), labels.to(self.accelerator.device)
 

@@ -13,6 +13,14 @@ import torch
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader: Ctrl-C reaches the whole process group and a scheduler's SIGTERM
+    every process of the job; a data worker that died of it would break the batch the main process still needs
+    before its safe point. Workers end with the main process."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
 class StopRequest:
     """Installs the handlers for the duration of a run and remembers the first signal. A second signal stops at
     once (``KeyboardInterrupt``), for a user who does not want to wait for the step to finish."""

@@ -38,7 +38,7 @@ from .methods import TaskContext, build_method, method_class
 from .metrics import AccuracyMatrix
 from .models import build_model
 from .models.adapters import adapter_state_dict
-from .preemption import StopRequest
+from .preemption import StopRequest, ignore_stop_signals
 from .report import write_run_outputs
 from .run_folder import RunLock, check_resume_config, read_config_changes, record_config_change
 
@@ -171,7 +171,8 @@ class Trainer:
         return Subset(dataset, range(rank, len(dataset), world))
 
     def _loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, num_workers=self.config.data.num_workers, **kwargs)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.config.data.num_workers,
+                          worker_init_fn=ignore_stop_signals, **kwargs)
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:

@@ -6,7 +6,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,7 +19,7 @@ from slca_kit.errors import ConfigError, CheckpointError, Preempted, RunFolderBu
 from slca_kit.run_folder import LOCK_FILE, RunLock, config_differences
 from slca_kit.trainer import Trainer
 
-from conftest import Interrupted, interrupt_after, tiny_recipe, write_recipe
+from conftest import Interrupted, interrupt_after, make_color_images, tiny_recipe, write_recipe
 
 
 def _recipe(tiny_npz, root, name, **train):
@@ -106,17 +108,34 @@ def test_a_second_signal_stops_at_once_and_releases_the_folder(tiny_npz, tmp_pat
     assert Trainer(config_from_dict(recipe)).run()["complete"]  # the lock went with the interrupted run
 
 
-def test_sigterm_to_a_real_process_names_the_resume_command(tiny_npz, tmp_path):
-    recipe = _recipe(tiny_npz, tmp_path / "runs", "real", epochs=6)
+@pytest.mark.parametrize("group, marker", [(False, "task 2: train"), (True, "task 2: statistics")],
+                         ids=["to-the-process-in-training", "to-the-group-in-statistics"])
+def test_sigterm_to_a_real_process_names_the_resume_command(group, marker, tiny_npz, tmp_path):
+    """SIGTERM to the process, during training; then to the whole process group, as Slurm's scancel sends it,
+    during class statistics (150 images per class in batches of 2, so that it lands there): the data-loader worker
+    gets it too and must keep serving the batches the task needs before its checkpoint (a worker that died of it
+    would stop the run with "DataLoader worker exited unexpectedly")."""
+    data = tiny_npz
+    if group:
+        data = tmp_path / "larger.npz"
+        (x, y), (tx, ty) = make_color_images(6, 150, seed=1), make_color_images(6, 6, seed=2)
+        np.savez(data, train_x=x, train_y=y, test_x=tx, test_y=ty)
+    recipe = _recipe(data, tmp_path / "runs", "real", epochs=1 if group else 6, eval_batch_size=2)
+    recipe["data"]["num_workers"] = 1 if group else 0
     path = write_recipe(tmp_path / "real.yaml", recipe)
     env = {**os.environ, "TQDM_DISABLE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "slca_kit", "train", str(path)], cwd=tmp_path,
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+                               start_new_session=True)
     lines = []
     for line in process.stderr:
         lines.append(line)
-        if "task 2: train" in line:
-            process.send_signal(signal.SIGTERM)
+        if marker in line:
+            if group:
+                time.sleep(0.15)  # the statistics loader forks its worker after the marker is logged
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                process.send_signal(signal.SIGTERM)
             break
     lines += process.stderr.readlines()
     process.wait(timeout=120)
@@ -127,7 +146,8 @@ def test_sigterm_to_a_real_process_names_the_resume_command(tiny_npz, tmp_path):
     resumed = subprocess.run([sys.executable, "-m", "slca_kit", "train", str(path), "--resume"], cwd=tmp_path,
                              capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    reference = Trainer(config_from_dict(_recipe(tiny_npz, tmp_path / "runs", "reference", epochs=6))).run()
+    reference_recipe = {**recipe, "name": "reference"}
+    reference = Trainer(config_from_dict(reference_recipe)).run()
     real = json.loads((tmp_path / "runs" / "real" / "results.json").read_text())
     assert real["correct"] == reference["correct"]
 
