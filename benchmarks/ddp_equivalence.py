@@ -18,7 +18,7 @@ import torch
 
 from slca_kit import checkpoint as ckpt
 
-RECIPE = "recipes/proxy/slca.yaml"
+RECIPE = "proxy/slca"
 
 
 def train(processes: int, output: Path, name: str, *overrides: str) -> dict:
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/ddp_check")
     parser.add_argument("--skip-full", action="store_true", help="only the statistics check")
-    parser.add_argument("--reference", help="a finished single-process run of recipes/proxy/slca.yaml to reuse")
+    parser.add_argument("--reference", help="a finished single-process run of the proxy/slca recipe to reuse")
     args = parser.parse_args()
     output = Path(args.output)
     one = train(1, output, "stats_1proc", "train.epochs=0")

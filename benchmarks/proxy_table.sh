@@ -9,14 +9,14 @@ for method in "${methods[@]}"; do
   if [ ! -f "$out/$method/results.json" ] || ! grep -q '"complete": true' "$out/$method/results.json"; then
     resume=""
     [ -d "$out/$method/checkpoints" ] && resume="--resume"
-    slca train "recipes/proxy/$method.yaml" "output_dir=$out" $resume
+    slca train "proxy/$method" "output_dir=$out" $resume
   fi
 done
 # SLCA++ with its LoRA also on the MLP (the documented option; the released code trains the qkv LoRA only)
 if [ ! -f "$out/slca_pp_mlp/results.json" ] || ! grep -q '"complete": true' "$out/slca_pp_mlp/results.json"; then
   resume=""
   [ -d "$out/slca_pp_mlp/checkpoints" ] && resume="--resume"
-  slca train recipes/proxy/slca_pp.yaml "output_dir=$out" name=slca_pp_mlp \
+  slca train proxy/slca_pp "output_dir=$out" name=slca_pp_mlp \
     'adapter.target_modules=blocks\.\d+\.(attn\.qkv|mlp\.fc[12])' $resume
 fi
 slca report "${methods[@]/#/$out/}" "$out/slca_pp_mlp" --output "$out/compare"

@@ -4,22 +4,15 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from importlib import resources
 from pathlib import Path
 
 from .errors import Preempted, SlcaKitError
-
-DEFAULT_RECIPE = "default.yaml"
-
-
-def default_recipe_path() -> Path:
-    """The embedded default: SLCA on scikit-learn's digits, offline and on CPU in a few minutes."""
-    return Path(str(resources.files("slca_kit") / "recipes" / DEFAULT_RECIPE))
-
+from .recipe_files import default_recipe_path, find_recipe
 
 def _split_recipe(args: list[str]) -> tuple[Path, list[str]]:
+    """The first argument without '=' is the recipe (a file or a packaged recipe's name); the rest are overrides."""
     if args and "=" not in args[0]:
-        return Path(args[0]), args[1:]
+        return find_recipe(args[0]), args[1:]
     return default_recipe_path(), args
 
 
@@ -84,9 +77,19 @@ def cmd_report(ns: argparse.Namespace) -> int:
 def cmd_list(ns: argparse.Namespace) -> int:
     from .data.benchmarks import BENCHMARKS
     from .methods import METHODS
+    from .published import targets_by_recipe
+    from .recipe_files import packaged_recipes
 
     print("methods:    " + ", ".join(sorted(METHODS)))
     print("benchmarks: " + ", ".join(sorted(BENCHMARKS)))
+    print("recipes (slca train NAME) and the published numbers they are compared with:")
+    targets = targets_by_recipe()
+    for name in packaged_recipes():
+        tables: dict[str, list[str]] = {}
+        for target in targets.get(name, []):
+            tables.setdefault(target.table, []).append(target.describe())
+        cells = "; ".join(f"{table}: {', '.join(values)}" for table, values in tables.items())
+        print(f"  {name:<30} {cells}".rstrip())
     return 0
 
 
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--output", help="folder for the comparison plot and table")
     rep.set_defaults(func=cmd_report)
-    lst = sub.add_parser("list", help="list methods and benchmarks")
+    lst = sub.add_parser("list", help="list methods, benchmarks and recipes with their published numbers")
     lst.set_defaults(func=cmd_list)
     return parser
 

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from slca_kit.cli import default_recipe_path
+from slca_kit.errors import ConfigError
+from slca_kit.recipe_files import default_recipe_path, find_recipe, packaged_recipes, recipes_root
 from slca_kit.resolve import load_config
 
 from conftest import shared_path
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = recipes_root()
 PAPER = sorted(p for p in RECIPES.glob("*/*.yaml") if not p.name.startswith("_") and p.parent.name != "proxy")
 
 
@@ -85,3 +86,34 @@ SOURCE = re.compile(r"[A-Za-z0-9_-]+/[A-Za-z0-9_.-]+ [^\n]*?[A-Za-z0-9_/.-]+\.(p
 def test_every_recipe_names_the_file_its_values_come_from(recipe):
     header = "".join(line for line in recipe.read_text().splitlines(keepends=True) if line.startswith("#"))
     assert SOURCE.search(header), f"{recipe}: no 'owner/repository path/file' in its comments"
+
+
+def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert find_recipe("cifar100/slca") == RECIPES / "cifar100" / "slca.yaml"
+    assert find_recipe("proxy/seq_ft_sl.yaml") == RECIPES / "proxy" / "seq_ft_sl.yaml"
+    (tmp_path / "mine.yaml").write_text("name: mine\n")
+    assert find_recipe("mine.yaml") == Path("mine.yaml")  # a file wins
+    with pytest.raises(ConfigError, match=r"recipe 'cifar100/slcaa': no such file, and no packaged recipe of that "
+                                          r"name; did you mean cifar100/slca"):
+        find_recipe("cifar100/slcaa")
+    with pytest.raises(ConfigError, match="no packaged recipe"):
+        find_recipe("cifar100/_base")  # only extended, never run
+    names = packaged_recipes()
+    assert len(names) == 4 * 23 + 21 and "imagenet_r/slca_pp" in names and not any("_base" in n for n in names)
+
+
+def test_published_targets_name_packaged_recipes_and_match_the_reference_notes():
+    from slca_kit.published import load_targets
+
+    targets = load_targets()
+    assert {t.table for t in targets} == {"slca_table1", "method_papers", "proxy"}
+    assert all(t.recipe in packaged_recipes() and t.metric in ("last_acc", "inc_acc") for t in targets)
+    assert all(t.tolerance >= 1.0 and (t.std is None or t.tolerance >= 2 * t.std - 1e-9) for t in targets)
+    cells = {(t.table, t.recipe, t.metric): t for t in targets}
+    assert len(cells) == len(targets)  # one row per cell
+    # spot checks against ../shared/reference/paper_tables.md (SLCA Table 1)
+    assert (cells["slca_table1", "cars196/slca_pp", "last_acc"].value,
+            cells["slca_table1", "cars196/slca_pp", "last_acc"].std) == (73.97, 0.22)
+    assert cells["slca_table1", "imagenet_r/seq_ft_sl", "inc_acc"].value == 76.84
+    assert cells["method_papers", "cifar100/inflora", "last_acc"].std == 0.73

@@ -72,7 +72,7 @@ class SLCAPlusPlus(SLCA):
         if config.adapter.type not in ("lora", "dora"):
             raise ConfigError("adapter.type: method slca_pp needs a LoRA adapter, e.g. adapter: {type: lora, r: 4, "
                               "lora_alpha: 3.2, target_modules: 'blocks\\.\\d+\\.attn\\.qkv', "
-                              "train_backbone: [norm, bias, cls_token]} (see recipes/*/slca_pp.yaml)")
+                              "train_backbone: [norm, bias, cls_token]} (see slca_kit/recipes/*/slca_pp.yaml)")
 
     def before_task(self, model, ctx: TaskContext) -> None:
         super().before_task(model, ctx)
