@@ -34,6 +34,7 @@ class DataConfig:
     path: str | None = None  # .npz file or image folder (train/ + test/ sub-folders, or one folder and data.split)
     hub_id: str | None = None  # Hugging Face dataset id, e.g. uoft-cs/cifar100
     hub_config: str | None = None
+    hub_revision: str | None = None  # a Hub commit / tag / branch to pin the dataset to; None: the latest
     image_column: str = "image"
     label_column: str = "label"
     train_split: str = "train"

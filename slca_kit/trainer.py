@@ -39,6 +39,7 @@ from .metrics import AccuracyMatrix
 from .models import build_model
 from .models.adapters import adapter_state_dict
 from .preemption import StopRequest, ignore_stop_signals
+from .provenance import collect as collect_provenance
 from .report import write_run_outputs
 from .run_folder import RunLock, check_resume_config, read_config_changes, record_config_change
 
@@ -140,6 +141,7 @@ class Trainer:
         self.model = build_model(config.backbone, config.adapter).to(self.accelerator.device)
         self.evaluator = Evaluator(self.data.test, self.label_map, self.test_transform, self.scenario, self.method,
                                    self.accelerator, config, shard=self._shard, reduce_sum=self._reduce_sum)
+        self.provenance = collect_provenance(config, self.data, self.accelerator)
         self.state = RunState(self.method)
         self.accelerator.register_for_checkpointing(self.state)
         self._timings: dict[str, float] = {}
@@ -492,6 +494,7 @@ class Trainer:
             **matrix.summary(),
             "task_incremental": self.state.task_matrix.summary() if self.state.task_matrix.num_rows else None,
             "config_changes": read_config_changes(self.run_dir),  # accepted with --resume --allow-config-change
+            "provenance": self.provenance,
             "tasks": self.state.task_records,
             "config": self.config.to_dict(),
         }

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import timm
 import torch
 
 from slca_kit import checkpoint as ckpt
@@ -9,7 +10,7 @@ from slca_kit.resolve import config_from_dict
 from slca_kit.methods import METHODS
 from slca_kit.trainer import Trainer
 
-from conftest import Interrupted, interrupt_after, interrupt_before_epoch, tiny_recipe
+from conftest import TINY_VIT, Interrupted, interrupt_after, interrupt_before_epoch, tiny_recipe
 
 
 def _trainer(tiny_npz, tmp_path, method="slca", params=None, **sections):
@@ -200,3 +201,32 @@ def test_same_seed_and_config_give_the_same_run(tiny_npz, tmp_path):
     for name, value in first.model.state_dict().items():
         assert torch.equal(value, second.model.state_dict()[name]), name
     assert torch.equal(first.method.covs, second.method.covs)
+
+
+def test_results_record_provenance(tiny_npz, tmp_path):
+    import hashlib
+    import re
+
+    import slca_kit
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT).state_dict(), str(weights))
+    recipe = tiny_recipe(tiny_npz, tmp_path, method="seq_ft", train={"epochs": 0})
+    recipe["backbone"]["weights"] = str(weights)
+    results = Trainer(config_from_dict(recipe)).run()
+    provenance = results["provenance"]
+    assert provenance["slca_kit"] == slca_kit.__version__
+    assert provenance["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", provenance["git_commit"])
+    assert provenance["libraries"]["torch"] == torch.__version__.split("+")[0]
+    assert provenance["backbone"] == {"timm_name": "vit_tiny_patch16_224", "pretrained_from_hub": False,
+                                      "file": str(weights),
+                                      "file_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert provenance["data"]["path"] == str(tiny_npz.resolve()) and provenance["data"]["split"] == "official"
+    assert provenance["data"]["test_fingerprint"] == results["data_split"]["test_fingerprint"]
+    assert (provenance["device"], provenance["num_processes"], provenance["mixed_precision"]) == ("cpu", 1, "no")
+    fewer = tiny_recipe(tiny_npz, tmp_path / "fewer", method="seq_ft", train={"epochs": 0},
+                        data={**recipe["data"], "max_train_per_class": 8})
+    other = Trainer(config_from_dict(fewer)).provenance["data"]
+    assert other["train_fingerprint"] != provenance["data"]["train_fingerprint"]
+    assert other["test_fingerprint"] == provenance["data"]["test_fingerprint"]

@@ -245,7 +245,7 @@ def _load_imagefolder(cfg: DataConfig) -> LoadedData:
 def _load_hub(cfg: DataConfig) -> LoadedData:  # pragma: no cover - needs network; exercised on real machines
     from datasets import load_dataset
 
-    dataset_dict = load_dataset(cfg.hub_id, cfg.hub_config)
+    dataset_dict = load_dataset(cfg.hub_id, cfg.hub_config, revision=cfg.hub_revision)
     return _hub_splits(cfg, dataset_dict, cfg.hub_id)
 
 
