@@ -6,8 +6,11 @@ import shlex
 import sys
 from pathlib import Path
 
+from .checkpoint import latest_checkpoint
 from .errors import Preempted, SlcaKitError
+from .io import read_json
 from .recipe_files import default_recipe_path, find_recipe
+
 
 def _split_recipe(args: list[str]) -> tuple[Path, list[str]]:
     """The first argument without '=' is the recipe (a file or a packaged recipe's name); the rest are overrides."""
@@ -18,17 +21,35 @@ def _split_recipe(args: list[str]) -> tuple[Path, list[str]]:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from .resolve import load_config
-    from .trainer import Trainer, configure_logging
+    from .trainer import configure_logging
 
     configure_logging()
     recipe, overrides = _split_recipe(ns.args)
-    config = load_config(recipe, overrides)
+    if not ns.seeds:
+        return _train_one(ns, load_config(recipe, overrides), resume=ns.resume)
+    base = load_config(recipe, overrides).name
+    for seed in ns.seeds:  # one run per class-order seed, in sibling folders, one after the other
+        config = load_config(recipe, overrides + [f"scenario.class_order_seed={seed}", f"name={base}_seed{seed}"])
+        results = Path(config.output_dir) / config.name / "results.json"
+        if results.is_file() and read_json(results).get("complete"):
+            print(f"{config.name}: complete, skipped")
+            continue
+        has_checkpoints = latest_checkpoint(Path(config.output_dir) / config.name / "checkpoints") is not None
+        status = _train_one(ns, config, resume=ns.resume and has_checkpoints)
+        if status:
+            return status
+    return 0
+
+
+def _train_one(ns: argparse.Namespace, config, resume: bool) -> int:
+    from .trainer import Trainer
+
     trainer = Trainer(config)
     try:
-        results = trainer.run(resume=ns.resume, allow_config_change=ns.allow_config_change)
+        results = trainer.run(resume=resume, allow_config_change=ns.allow_config_change)
     except Preempted as stop:
-        command = ["slca", "train", *ns.args, "--resume"]
-        command += ["--allow-config-change"] if ns.allow_config_change else []
+        command = ["slca", "train", *ns.args] + (["--seeds", *map(str, ns.seeds)] if ns.seeds else [])
+        command += ["--resume"] + (["--allow-config-change"] if ns.allow_config_change else [])
         print(f"{stop}; continue with: {shlex.join(command)}", file=sys.stderr)
         return 128 + stop.signal_number  # the shell's convention for "ended by signal N"
     if trainer.accelerator.is_main_process:
@@ -99,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a recipe: slca train [RECIPE.yaml] [key=value ...]")
     train.add_argument("args", nargs="*", help="recipe path (default: the embedded digits recipe), then overrides")
     train.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    train.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                       help="one run per class-order seed (NAME_seedS), one after the other; complete runs are "
+                            "skipped, with --resume interrupted ones continue (the paper: 1993 1996 1997)")
     train.add_argument("--allow-config-change", action="store_true",
                        help="with --resume: accept a recipe that differs from the run's (recorded in results.json)")
     train.set_defaults(func=cmd_train)

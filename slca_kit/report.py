@@ -96,6 +96,59 @@ def comparison_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SEED_NEUTRAL = (("name",), ("output_dir",), ("scenario", "class_order_seed"))
+
+
+def _without_seed(config: dict) -> str:
+    """The config as a key that is equal for runs differing only in class-order seed (and name / folder)."""
+    import copy
+    import json
+
+    config = copy.deepcopy(config)
+    for path in SEED_NEUTRAL:
+        node = config
+        for part in path[:-1]:
+            node = node.get(part, {})
+        node.pop(path[-1], None)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def seed_groups(runs: list[dict]) -> list[list[dict]]:
+    """Runs grouped by config up to the class-order seed, in first-appearance order."""
+    groups: dict[str, list[dict]] = {}
+    for results in runs:
+        groups.setdefault(_without_seed(results["config"]), []).append(results)
+    return list(groups.values())
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); no std for a single value."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _fmt_mean_std(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    mean, std = mean_std(present)
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def seed_table(groups: list[list[dict]]) -> str:
+    """Markdown table of mean ± std over seeds, one row per group of complete runs (class-incremental)."""
+    lines = ["| runs | method | seeds | Last-Acc | Inc-Acc | Forgetting | BWT |", "|---|---|---|---|---|---|---|"]
+    for group in groups:
+        seeds = [r["config"]["scenario"]["class_order_seed"] for r in group]
+        lines.append(f"| {', '.join(r['name'] for r in group)} | {group[0]['method']} | "
+                     f"{', '.join(str(s) for s in seeds)} | "
+                     + " | ".join(_fmt_mean_std([r[key] for r in group])
+                                  for key in ("last_acc", "inc_acc", "forgetting", "bwt")) + " |")
+    return "\n".join(lines)
+
+
 def report(run_dirs: list[Path], output: Path | None = None) -> str:
     """Re-create each run's plots; with several runs also a comparison curve and table under ``output``."""
     runs = []
@@ -107,6 +160,10 @@ def report(run_dirs: list[Path], output: Path | None = None) -> str:
         write_run_outputs(Path(run_dir), results)
         runs.append(results)
     table = comparison_table(runs)
+    over_seeds = [group for group in seed_groups([r for r in runs if r["complete"]]) if len(group) > 1]
+    if over_seeds:
+        table += "\n\nMean ± std (n - 1) over class-order seeds of complete runs that differ only by seed:\n\n"
+        table += seed_table(over_seeds)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         plot_curves(runs, output / "comparison_curve.png")

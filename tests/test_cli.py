@@ -65,3 +65,22 @@ def test_list_names_methods_benchmarks_and_recipes_with_their_targets(tmp_path):
     assert lines["imagenet_r/dualprompt"].endswith(
         "slca_table1: Last 68.5±0.52, Inc 72.59±0.24; method_papers: Last 68.13")
     assert lines["cub200/den"].strip() == "cub200/den"  # no published number
+
+
+def test_seeds_run_sibling_folders_and_report_averages_them(tiny_npz, tmp_path):
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_npz, tmp_path / "runs", method="seq_ft"))
+    done = _slca("train", str(recipe), "train.epochs=1", "--seeds", "1993", "1996", "7", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    runs = [json.loads((tmp_path / "runs" / f"tiny_seq_ft_seed{s}" / "results.json").read_text())
+            for s in (1993, 1996, 7)]
+    assert [r["config"]["scenario"]["class_order_seed"] for r in runs] == [1993, 1996, 7]
+    assert len({tuple(r["class_order"]) for r in runs}) == 3
+    again = _slca("train", str(recipe), "train.epochs=1", "--seeds", "1993", "1996", "7", cwd=tmp_path)
+    assert again.stdout.count("complete, skipped") == 3
+    reported = _slca("report", *[str(tmp_path / "runs" / f"tiny_seq_ft_seed{s}") for s in (1993, 1996, 7)],
+                     cwd=tmp_path)
+    assert reported.returncode == 0, reported.stderr
+    last = [r["last_acc"] for r in runs]
+    mean = sum(last) / 3
+    std = (sum((v - mean) ** 2 for v in last) / 2) ** 0.5
+    assert f"| seq_ft | 1993, 1996, 7 | {mean:.2f} ± {std:.2f} |" in reported.stdout

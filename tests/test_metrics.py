@@ -51,3 +51,21 @@ def test_rows_must_grow_by_one():
 
 def test_state_round_trip(matrix):
     assert AccuracyMatrix.from_state_dict(matrix.state_dict()).summary() == matrix.summary()
+
+
+def test_seed_groups_and_mean_std_by_hand():
+    from slca_kit.report import mean_std, seed_groups, seed_table
+
+    def run(name, seed, lr, last):
+        config = {"name": name, "output_dir": "x", "scenario": {"class_order_seed": seed}, "train": {"lr": lr}}
+        return {"name": name, "method": "slca", "config": config, "last_acc": last, "inc_acc": last + 10,
+                "forgetting": None, "bwt": None}
+
+    runs = [run("a1", 1993, 0.1, 40.0), run("b", 1993, 0.2, 10.0), run("a2", 1996, 0.1, 44.0),
+            run("a3", 1997, 0.1, 45.0)]
+    groups = seed_groups(runs)
+    assert [[r["name"] for r in g] for g in groups] == [["a1", "a2", "a3"], ["b"]]
+    mean, std = mean_std([40.0, 44.0, 45.0])
+    assert mean == 43.0 and abs(std - (7.0 ** 0.5)) < 1e-12  # ((9 + 1 + 4) / 2) ** 0.5
+    assert mean_std([5.0]) == (5.0, None)
+    assert "| a1, a2, a3 | slca | 1993, 1996, 1997 | 43.00 ± 2.65 | 53.00 ± 2.65 | - | - |" in seed_table(groups[:1])
