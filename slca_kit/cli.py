@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -27,15 +28,23 @@ def cmd_train(ns: argparse.Namespace) -> int:
     recipe, overrides = _split_recipe(ns.args)
     if not ns.seeds:
         return _train_one(ns, load_config(recipe, overrides), resume=ns.resume)
+    return _train_seeds(ns, recipe, overrides, ns.seeds, resume=ns.resume)
+
+
+def _train_seeds(ns: argparse.Namespace, recipe: Path, overrides: list[str], seeds: list[int], resume: bool) -> int:
+    """One run per class-order seed, in sibling folders NAME_seedS, one after the other: complete runs are
+    skipped; with ``resume`` an interrupted one continues."""
+    from .resolve import load_config
+
     base = load_config(recipe, overrides).name
-    for seed in ns.seeds:  # one run per class-order seed, in sibling folders, one after the other
+    for seed in seeds:
         config = load_config(recipe, overrides + [f"scenario.class_order_seed={seed}", f"name={base}_seed{seed}"])
         results = Path(config.output_dir) / config.name / "results.json"
         if results.is_file() and read_json(results).get("complete"):
             print(f"{config.name}: complete, skipped")
             continue
         has_checkpoints = latest_checkpoint(Path(config.output_dir) / config.name / "checkpoints") is not None
-        status = _train_one(ns, config, resume=ns.resume and has_checkpoints)
+        status = _train_one(ns, config, resume=resume and has_checkpoints)
         if status:
             return status
     return 0
@@ -48,13 +57,38 @@ def _train_one(ns: argparse.Namespace, config, resume: bool) -> int:
     try:
         results = trainer.run(resume=resume, allow_config_change=ns.allow_config_change)
     except Preempted as stop:
-        command = ["slca", "train", *ns.args] + (["--seeds", *map(str, ns.seeds)] if ns.seeds else [])
-        command += ["--resume"] + (["--allow-config-change"] if ns.allow_config_change else [])
+        command = ns.resume_command
         print(f"{stop}; continue with: {shlex.join(command)}", file=sys.stderr)
         return 128 + stop.signal_number  # the shell's convention for "ended by signal N"
     if trainer.accelerator.is_main_process:
         print(f"{config.name}: Last-Acc {results['last_acc']:.2f}  Inc-Acc {results['inc_acc']:.2f}  "
               f"-> {trainer.run_dir / 'results.json'}")
+    return 0
+
+
+def cmd_reproduce(ns: argparse.Namespace) -> int:
+    from .reproduce import DEFAULT_SEEDS, collect, estimate, recipes_of, run_location, select_targets, write_outputs
+    from .trainer import configure_logging
+
+    targets = select_targets(ns.table, ns.benchmarks, ns.methods)
+    seeds = ns.seeds or list(DEFAULT_SEEDS)
+    output = Path(ns.output or Path("reproduce") / ns.table)
+    for target in recipes_of(targets):
+        output_dir, _ = run_location(output, target, seeds[0])
+        overrides = [f"output_dir={output_dir}", f"name={target.method}", *ns.overrides]
+        command = ["slca", "train", target.recipe, *overrides, "--seeds", *map(str, seeds)]
+        if ns.dry_run:
+            print(f"{shlex.join(command)}\n    # {estimate(target, overrides, output, seeds)}")
+            continue
+        configure_logging()
+        ns.resume_command = ["slca", "reproduce", ns.table, *ns.original_args]
+        status = _train_seeds(ns, find_recipe(target.recipe), overrides, seeds, resume=True)
+        if status:
+            return status
+    if ns.dry_run:
+        return 0
+    print(write_outputs(collect(targets, seeds, output), output, ns.table))
+    print(f"-> {output / 'reproduce.md'}, reproduce.json, reproduce.png")
     return 0
 
 
@@ -134,18 +168,35 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--output", help="folder for the comparison plot and table")
     rep.set_defaults(func=cmd_report)
+    repro = sub.add_parser("reproduce", help="run or collect a published table's cells over seeds, ours vs paper")
+    repro.add_argument("table", help="slca_table1, method_papers or proxy (see `slca list`)")
+    repro.add_argument("overrides", nargs="*", help="key=value for every run (e.g. train.mixed_precision=bf16)")
+    repro.add_argument("--benchmarks", nargs="+", help="only these benchmarks (cifar100, imagenet_r, ...)")
+    repro.add_argument("--methods", nargs="+", help="only these methods")
+    repro.add_argument("--seeds", nargs="+", type=int, help="class-order seeds (default: 1993 1996 1997)")
+    repro.add_argument("--output", help="folder for the runs and the table (default: reproduce/TABLE)")
+    repro.add_argument("--dry-run", action="store_true", help="print the commands and the estimated cost only")
+    repro.set_defaults(func=cmd_reproduce, allow_config_change=False)
     lst = sub.add_parser("list", help="list methods, benchmarks and recipes with their published numbers")
     lst.set_defaults(func=cmd_list)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
+    ns.original_args = argv[2:] if argv[:1] == ["reproduce"] else []
+    if ns.command == "train":  # what to print when a signal stops the run
+        ns.resume_command = ["slca", "train", *ns.args] + (["--seeds", *map(str, ns.seeds)] if ns.seeds else [])
+        ns.resume_command += ["--resume"] + (["--allow-config-change"] if ns.allow_config_change else [])
     try:
         return ns.func(ns)
     except (SlcaKitError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output was piped into `head` or similar, which has stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM during training, or one before training started
         print("error: interrupted; work since the last complete checkpoint is lost (--resume continues from it)",
               file=sys.stderr)
