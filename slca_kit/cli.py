@@ -1,4 +1,4 @@
-"""Command line: ``slca train | eval | report | list`` (also ``python -m slca_kit``)."""
+"""Command line: ``slca train | reproduce | eval | report | list`` (also ``python -m slca_kit``)."""
 from __future__ import annotations
 
 import argparse
@@ -56,9 +56,8 @@ def _train_one(ns: argparse.Namespace, config, resume: bool) -> int:
     trainer = Trainer(config)
     try:
         results = trainer.run(resume=resume, allow_config_change=ns.allow_config_change)
-    except Preempted as stop:
-        command = ns.resume_command
-        print(f"{stop}; continue with: {shlex.join(command)}", file=sys.stderr)
+    except Preempted as stop:  # ns.resume_command: the command line that continues, set by main / cmd_reproduce
+        print(f"{stop}; continue with: {shlex.join(ns.resume_command)}", file=sys.stderr)
         return 128 + stop.signal_number  # the shell's convention for "ended by signal N"
     if trainer.accelerator.is_main_process:
         print(f"{config.name}: Last-Acc {results['last_acc']:.2f}  Inc-Acc {results['inc_acc']:.2f}  "
