@@ -4,6 +4,7 @@ fingerprints of the train and test samples) and how it ran (device, processes, p
 compares these across the runs of one cell (docs/reproduce.md)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import subprocess
 from importlib import metadata
@@ -12,9 +13,11 @@ from pathlib import Path
 LIBRARIES = ("torch", "timm", "peft", "accelerate", "datasets", "transformers", "numpy")
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit(package: Path) -> str | None:
     """The commit of the slca_kit checkout ``package`` is in (``-dirty`` with uncommitted changes); None for an
-    installed wheel, even one inside some other git repository."""
+    installed wheel, even one inside some other git repository. Read once per process: the code that runs is the
+    code imported at its start, whatever is committed later (``slca reproduce`` runs seeds one after the other)."""
     if not (package.parent / ".git").exists():
         return None
     try:

@@ -117,3 +117,5 @@ def test_published_targets_name_packaged_recipes_and_match_the_reference_notes()
             cells["slca_table1", "cars196/slca_pp", "last_acc"].std) == (73.97, 0.22)
     assert cells["slca_table1", "imagenet_r/seq_ft_sl", "inc_acc"].value == 76.84
     assert cells["method_papers", "cifar100/inflora", "last_acc"].std == 0.73
+    assert (cells["proxy", "proxy/seq_ft_sl", "inc_acc"].std, cells["proxy", "proxy/joint", "last_acc"].tolerance) == (
+        3.18, 4.0)
