@@ -194,16 +194,17 @@ class DEN(Method):
 
     @dataclass
     class Params:
-        hidden: list[int] = field(default_factory=lambda: [312, 128])  # DEN's MNIST networks
+        # Values of the DEN reference code's flags, jaehong31/DEN DEN_run.py:10-21 (its MNIST network).
+        hidden: list[int] = field(default_factory=lambda: [312, 128])  # dims [784, 312, 128, 10], DEN_run.py:13
         epochs: int = 30  # per phase, over the task's cached features (our choice)
-        batch_size: int = 256  # DEN reference code (batch_size)
-        lr: float = 1e-3  # Adam, DEN reference code
-        l1_lambda: float = 1e-5  # DEN reference code (l1_lambda)
-        l2_lambda: float = 1e-4  # (l2_lambda), selective retraining
-        gl_lambda: float = 1e-3  # (gl_lambda), group lasso on expanded units
-        loss_threshold: float = 1e-2  # (loss_thr): expand when the loss stays above it
-        expand_units: int = 10  # (ex_k) units added per hidden layer
-        split_threshold: float = 0.05  # (spl_thr) drift above which a unit is split
+        batch_size: int = 256  # batch_size, DEN_run.py:11
+        lr: float = 1e-3  # Adam, lr, DEN_run.py:10
+        l1_lambda: float = 1e-5  # l1_lambda, DEN_run.py:15
+        l2_lambda: float = 1e-4  # l2_lambda, DEN_run.py:16: selective retraining
+        gl_lambda: float = 1e-3  # gl_lambda, DEN_run.py:17: group lasso on expanded units
+        loss_threshold: float = 1e-2  # loss_thr, DEN_run.py:20: expand when the loss stays above it
+        expand_units: int = 10  # ex_k, DEN_run.py:19: units added per hidden layer
+        split_threshold: float = 0.05  # spl_thr, DEN_run.py:21: drift above which a unit is split
 
         def __post_init__(self):
             require_positive(self, "batch_size")
