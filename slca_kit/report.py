@@ -22,7 +22,7 @@ def matrix_csv(matrix: list[list[float | None]]) -> str:
     return buffer.getvalue()
 
 
-def _save_figure(figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(figure)
 
@@ -44,7 +44,7 @@ def plot_matrix(results: dict, path: Path, setting: str = "class-incremental") -
     axes.set_title(f"{results['method']} ({setting}): accuracy (%)  Last {results['last_acc']:.1f}  "
                    f"Inc {results['inc_acc']:.1f}", fontsize=9)
     figure.colorbar(image, ax=axes, fraction=0.046)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_curves(runs: list[dict], path: Path) -> None:
@@ -59,7 +59,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     axes.set_ylim(0, 100)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def write_run_outputs(run_dir: Path, results: dict) -> None:

@@ -155,12 +155,7 @@ def markdown(cells: list[Cell]) -> str:
 
 def plot(cells: list[Cell], path: Path) -> None:
     """Bars of paper vs ours (mean, error bar = std) per cell; cells without complete runs show only the paper."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import _save_figure
+    from .report import plt, save_figure  # report selects the file-only Agg backend
 
     labels = [f"{c.target.recipe}\n{METRIC_NAMES[c.target.metric]}" for c in cells]
     rows = [c.summary() for c in cells]
@@ -180,7 +175,7 @@ def plot(cells: list[Cell], path: Path) -> None:
     axes.set_ylim(0, 100)
     axes.legend(fontsize=8)
     axes.grid(axis="y", alpha=0.3)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def write_outputs(cells: list[Cell], output: Path, table: str) -> str:

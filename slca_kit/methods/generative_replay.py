@@ -71,6 +71,9 @@ class GenerativeFeatureReplay(Method):
         generator: str = "cvae"  # cvae | gaussian
         replay_ratio: float = 1.0  # generated features per real image in a batch
         cov_ridge: float = 1e-4  # gaussian: covariance + ridge * I (as SLCA's statistics)
+        # The CVAE loss weighs reconstruction and KL 1:1, as brain-inspired replay's defaults (--recon-weight,
+        # --variat-weight, GMvandeVen/brain-inspired-replay options.py:173-174), which replays features too
+        # (--hidden, options.py:235); its sizes below are ours, for 192-768-d ViT features.
         cvae_hidden: int = 512
         cvae_latent: int = 64
         cvae_epochs: int = 100

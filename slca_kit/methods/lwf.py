@@ -28,8 +28,9 @@ class LwF(Method):
     @dataclass
     class Params:
         backbone_lr_scale: float = 1.0  # LwF fine-tunes all weights with one lr
-        temperature: float = 2.0  # T = 2 (Li & Hoiem, Sec. 3)
-        distill_lambda: float = 1.0  # lambda_o = 1 (Li & Hoiem, Sec. 3)
+        temperature: float = 2.0  # T = 2 (Li & Hoiem, Sec. 3; T=2 in G-U-N/PyCIL models/lwf.py:28)
+        # lambda_o = 1 (Li & Hoiem, Sec. 3); PyCIL's class-incremental port weighs it 3 (models/lwf.py:29)
+        distill_lambda: float = 1.0
 
         def __post_init__(self):
             require_positive(self, "temperature")

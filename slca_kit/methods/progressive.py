@@ -154,7 +154,9 @@ class ProgressiveNetworks(Method):
         column: str = "mlp"  # mlp | adapter
         # mlp columns: widths (our choice: two hidden layers like the paper's MLP columns, for 192-768-d features)
         hidden: list[int] = field(default_factory=lambda: [512, 512])
-        adapter_rank: int = 64  # adapter columns: bottleneck width (AdaptFormer's 64)
+        # adapter columns: bottleneck width, AdaptFormer's --ffn_num 64 (ShoufaChen/AdaptFormer main_image.py:114);
+        # PNN itself has no released code, the columns follow the paper (Rusu et al. 2016)
+        adapter_rank: int = 64
 
         def __post_init__(self):
             require_positive(self, "adapter_rank")

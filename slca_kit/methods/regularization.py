@@ -153,9 +153,9 @@ class EWC(ImportanceRegularizer):
     @dataclass
     class Params:
         backbone_lr_scale: float = 1.0  # EWC trains all weights with one lr (Kirkpatrick et al. 2017)
-        ewc_lambda: float = 1000.0  # PyCIL's ewc.py lamda (class-incremental EWC on ImageNet-style CNNs)
-        # Each task's Fisher is clamped at this value (PyCIL's ewc.py fishermax), so lr * lambda * F stays small and
-        # SGD on the penalty stays stable; null: no clamp.
+        ewc_lambda: float = 1000.0  # lamda, G-U-N/PyCIL models/ewc.py:31 (class-incremental EWC)
+        # Each task's Fisher is clamped at this value (fishermax, G-U-N/PyCIL models/ewc.py:32), so lr * lambda * F
+        # stays small and SGD on the penalty stays stable; null: no clamp.
         fisher_max: float | None = 1e-4
         online: bool = False
         gamma: float = 1.0  # online EWC decay; 1.0 as in van de Ven et al. 2019 (three scenarios)
