@@ -52,9 +52,11 @@ class DataConfig:
     split_seed: int = 0
     num_classes: int | None = None  # declared class count, checked against the data
     transform: str = "none"  # reference transform preset: cifar | imagenet_r | cub_cars | none
-    image_size: int = 224
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet (slca.md, Backbones)
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Input size and normalisation. With backbone.source transformers, the ones the recipe leaves unset come from
+    # the checkpoint's image processor (None until the run starts; slca_kit/models/hf_backbone.py).
+    image_size: int | None = 224
+    mean: list[float] | None = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet (slca.md, Backbones)
+    std: list[float] | None = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 0
     max_train_per_class: int | None = None  # subsample for quick runs; None keeps everything
     # Unreadable image files: "fail" stops with the file's path when it is first read; "skip" decodes every image
@@ -76,12 +78,19 @@ class ScenarioConfig:
 
 @dataclass
 class BackboneConfig:
+    # timm: ``name`` is a timm model name. transformers: ``name`` is a Hub id or a local folder saved with
+    # save_pretrained (ViT, DINOv2, CLIP / SigLIP vision towers; slca_kit/models/hf_backbone.py).
+    source: str = "timm"
     name: str = "vit_base_patch16_224.augreg_in21k"  # SLCA's IN21K backbone (slca.md, Backbones)
-    pretrained: bool = False  # True downloads from the Hub (needs network); weights= loads a local file instead
-    weights: str | None = None  # local .safetensors / .pth / .npz
+    # timm: True downloads from the Hub (needs network); weights= loads a local file instead; unset means false.
+    # transformers: the checkpoint's weights load unless this is false (then its config, randomly initialised).
+    pretrained: bool | None = None
+    revision: str | None = None  # transformers: a Hub commit / tag / branch to pin the checkpoint to
+    weights: str | None = None  # timm: local .safetensors / .pth / .npz
     weights_key: str | None = None  # sub-dict of a .pth to load, e.g. "model" for MoCo v3 (slca.md)
     card: str | None = None  # JSON model card with a "config" block of timm kwargs (../shared/weights/*.json)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    # timm: extra timm.create_model kwargs; transformers: overrides of the checkpoint's config (from_pretrained)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     replace_final_norm: bool = True  # reference replaces the final norm with a fresh LayerNorm (slca.md)
     drop_rate: float = 0.0  # reference: dropout / drop-path 0
     drop_path_rate: float = 0.0
@@ -95,7 +104,8 @@ class AdapterConfig:
     type: str | None = None  # a peft type name (lora, dora, ia3, loha, lokr, oft, boft, hra, vera, ...); None: none
     # A string is a regex matched against full module names (peft: re.fullmatch); it never hits
     # patch_embed.proj unless asked (libraries.md: a plain "proj" target would also adapt the Conv2d).
-    target_modules: str | list[str] = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+    # Unset: this default on timm ViTs; transformers checkpoints name theirs in the recipe (e.g. [q_proj, v_proj]).
+    target_modules: str | list[str] | None = None
     # Backbone parameters that train besides the adapter: names containing any of these (e.g. norm, bias,
     # cls_token); empty: only the adapter (and the heads) train.
     train_backbone: list[str] = field(default_factory=list)
@@ -150,7 +160,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+TIMM_ADAPTER_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
+
 CHOICES = {
+    "backbone.source": ("timm", "transformers"),
     "data.source": ("digits", "arrays", "imagefolder", "hub"),
     "data.transform": ("cifar", "imagenet_r", "cub_cars", "none"),
     "scenario.remainder": ("separate", "merge"),
@@ -357,7 +370,7 @@ def expand_env(text: str) -> str:
     return _ENV_PATTERN.sub(replace, text)
 
 
-PATH_KEYS = (("data", "path"), ("backbone", "weights"), ("backbone", "card"))  # ${VAR} expanded
+PATH_KEYS = (("data", "path"), ("backbone", "weights"), ("backbone", "card"), ("backbone", "name"))  # ${VAR} expanded
 
 
 def build_config(data: dict) -> Config:
@@ -380,6 +393,10 @@ def build_config(data: dict) -> Config:
         data["adapter"] = {**adapter, "options": {**options, **extra}}
     cfg = build_dataclass(Config, data, "")
     validate_config(cfg)
+    if cfg.backbone.pretrained is None:  # timm: random init unless asked; transformers: the checkpoint's weights
+        cfg.backbone.pretrained = cfg.backbone.source == "transformers"
+    if cfg.adapter.target_modules is None and cfg.backbone.source == "timm":
+        cfg.adapter.target_modules = TIMM_ADAPTER_TARGETS
     return cfg
 
 
@@ -389,6 +406,26 @@ def _check_positive(value: Any, key: str, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{key}: must be {bound}, got {value}")
+
+
+def _validate_backbone(cfg: Config) -> None:
+    backbone = cfg.backbone
+    if backbone.source == "timm":
+        if backbone.revision is not None:
+            raise ConfigError("backbone.revision: only for backbone.source transformers (timm names pin their "
+                              "weights by tag, e.g. vit_base_patch16_224.augreg_in21k)")
+        return
+    for key in ("weights", "weights_key", "card"):
+        if getattr(backbone, key) is not None:
+            raise ConfigError(f"backbone.{key}: timm only; a transformers checkpoint carries its weights and config "
+                              "(set backbone.name to its Hub id or local folder)")
+    for key, example in (("drop_rate", "hidden_dropout_prob"), ("drop_path_rate", "drop_path_rate")):
+        if getattr(backbone, key):
+            raise ConfigError(f"backbone.{key}: timm only; set the checkpoint's own config key through "
+                              f"backbone.model_kwargs (e.g. {example} for ViT / DINOv2)")
+    if cfg.adapter.type and not cfg.adapter.target_modules:
+        raise ConfigError("adapter.target_modules: required with backbone.source transformers; name the "
+                          "checkpoint's Linear modules, e.g. [q_proj, v_proj] for its attention")
 
 
 def validate_config(cfg: Config) -> None:
@@ -433,8 +470,17 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"data.split_lists: file not found: {listed}")
     if cfg.data.test_fraction is not None and not 0 < cfg.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction: must be between 0 and 1, got {cfg.data.test_fraction}")
-    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
-        raise ConfigError("data.mean / data.std: need 3 values (RGB)")
+    for key in ("mean", "std"):
+        value = getattr(cfg.data, key)
+        if value is not None and len(value) != 3:
+            raise ConfigError(f"data.{key}: needs 3 values (RGB), got {value}")
+        if cfg.backbone.source == "timm" and value is None:
+            raise ConfigError(f"data.{key}: needs 3 values (RGB); only a transformers backbone's image processor "
+                              "can fill it in")
+    if cfg.backbone.source == "timm" and cfg.data.image_size is None:
+        raise ConfigError("data.image_size: needs a size in pixels; only a transformers backbone's image processor "
+                          "can fill it in")
+    _validate_backbone(cfg)
     if cfg.data.source in ("arrays", "imagefolder") and not cfg.data.path:
         raise ConfigError(f"data.path: required when data.source is {cfg.data.source!r}")
     if cfg.data.source in ("arrays", "imagefolder") and not Path(cfg.data.path).exists():

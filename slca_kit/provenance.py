@@ -40,6 +40,17 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_fingerprint(name: str, revision: str | None) -> dict:
+    """A transformers checkpoint: for a local folder, one SHA-256 over its weight files' names and hashes; for a
+    Hub id, the revision asked for."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return {"revision": revision or "latest", "files_sha256": None}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    listing = "".join(f"{path.name} {file_sha256(path)}\n" for path in files)
+    return {"revision": None, "files_sha256": hashlib.sha256(listing.encode()).hexdigest() if files else None}
+
+
 def _version(name: str) -> str | None:
     try:
         return metadata.version(name)
@@ -53,8 +64,12 @@ def collect(config, data, accelerator) -> dict:
     from .data.splits import fingerprint
 
     backbone = config.backbone
-    weights = {"timm_name": backbone.name, "pretrained_from_hub": backbone.pretrained and not backbone.weights,
-               "file": backbone.weights, "file_sha256": file_sha256(backbone.weights) if backbone.weights else None}
+    if backbone.source == "transformers":
+        weights = {"transformers_name": backbone.name, "pretrained": backbone.pretrained,
+                   **checkpoint_fingerprint(backbone.name, backbone.revision)}
+    else:
+        weights = {"timm_name": backbone.name, "pretrained_from_hub": backbone.pretrained and not backbone.weights,
+                   "file": backbone.weights, "file_sha256": file_sha256(backbone.weights) if backbone.weights else None}
     cfg = config.data
     source = {"source": cfg.source, "benchmark": cfg.benchmark}
     if cfg.source == "hub":

@@ -14,7 +14,8 @@ from .report import mean_std
 
 DEFAULT_SEEDS = (1993, 1996, 1997)  # the SLCA paper's class-order seeds (slca.md)
 # Provenance that must agree between the seeds of one cell for their mean to mean anything.
-AGREEING = (("backbone", "timm_name"), ("backbone", "file_sha256"), ("data", "train_fingerprint"),
+AGREEING = (("backbone", "timm_name"), ("backbone", "file_sha256"), ("backbone", "transformers_name"),
+            ("backbone", "files_sha256"), ("backbone", "revision"), ("data", "train_fingerprint"),
             ("data", "test_fingerprint"), ("slca_kit",), ("git_commit",), ("mixed_precision",))
 
 

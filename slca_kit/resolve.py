@@ -8,12 +8,27 @@ from pathlib import Path
 
 from .config import Config, apply_overrides, build_config, load_recipe_dict
 from .data.benchmarks import apply_benchmark_preset
-from .methods import validate_method_params
+from .errors import ConfigError
+from .methods import method_class, validate_method_params
+
+
+IMAGE_SETTINGS = ("mean", "std", "image_size")
 
 
 def config_from_dict(data: dict) -> Config:
+    recipe_data = data.get("data") if isinstance(data.get("data"), dict) else {}
     cfg = build_config(apply_benchmark_preset(copy.deepcopy(data)))
+    if cfg.backbone.source == "transformers":
+        # The checkpoint's image processor wins over the benchmark preset; the recipe's own values win over both
+        # (filled in when the run starts: slca_kit/models/hf_backbone.py fill_image_settings).
+        for key in IMAGE_SETTINGS:
+            if key not in recipe_data:
+                setattr(cfg.data, key, None)
     cfg.method.params = validate_method_params(cfg.method.name, cfg.method.params)
+    sources = method_class(cfg.method.name).backbone_sources(cfg.method.params)
+    if cfg.backbone.source not in sources:
+        raise ConfigError(f"backbone.source: method {cfg.method.name} supports {' and '.join(sources)} backbones "
+                          f"only, not {cfg.backbone.source} (it attaches to timm's ViT blocks)")
     return cfg
 
 

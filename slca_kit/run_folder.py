@@ -72,22 +72,29 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
-def config_differences(stored: dict, current: dict) -> dict[str, dict[str, Any]]:
+def config_differences(stored: dict, current: dict, defaults: dict | None = None) -> dict[str, dict[str, Any]]:
     """Keys (dotted) whose values differ between two configs, except the result-neutral ones:
-    ``{key: {"before": stored value, "after": current value}}``. A key missing on one side counts as None."""
+    ``{key: {"before": stored value, "after": current value}}``. A key missing on one side counts as None, except
+    that a key the stored config lacks and ``current`` has at its value in ``defaults`` (a key added by a later
+    slca_kit, e.g. ``backbone.source``) is no difference."""
     before, after = _flat(stored), _flat(yaml.safe_load(yaml.safe_dump(current)))  # same types as the stored file
+    defaults = _flat(yaml.safe_load(yaml.safe_dump(defaults))) if defaults else {}
     changed = {}
     for key in sorted(set(before) | set(after)):
         if key in RESULT_NEUTRAL_KEYS or key.startswith(tuple(f"{k}." for k in RESULT_NEUTRAL_KEYS)):
+            continue
+        if key not in before and key in defaults and after.get(key) == defaults[key]:
             continue
         if before.get(key) != after.get(key):
             changed[key] = {"before": before.get(key), "after": after.get(key)}
     return changed
 
 
-def check_resume_config(run_dir: Path, current: dict, allow_change: bool) -> dict[str, dict[str, Any]]:
-    """Compare the run's stored ``config.yaml`` with ``current``; refuse result-changing differences unless
-    ``allow_change``. Returns the differences (empty when none, or when the run never stored its config)."""
+def check_resume_config(run_dir: Path, current: dict, allow_change: bool,
+                        defaults: dict | None = None) -> dict[str, dict[str, Any]]:
+    """Compare the run's stored ``config.yaml`` with ``current`` (``defaults``: see ``config_differences``); refuse
+    result-changing differences unless ``allow_change``. Returns the differences (empty when none, or when the run
+    never stored its config)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return {}
@@ -95,7 +102,7 @@ def check_resume_config(run_dir: Path, current: dict, allow_change: bool) -> dic
         stored = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read the run's stored config to compare with: {err}") from None
-    changed = config_differences(stored, current)
+    changed = config_differences(stored, current, defaults)
     if changed and not allow_change:
         listed = "; ".join(f"{key}: {entry['before']!r} -> {entry['after']!r}"
                            for key, entry in list(changed.items())[:8])

@@ -7,6 +7,7 @@ Per task: add the task's head -> method.before_task -> epochs of method.training
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -38,6 +39,7 @@ from .methods import TaskContext, build_method, method_class
 from .metrics import AccuracyMatrix
 from .models import build_model
 from .models.adapters import adapter_state_dict
+from .models.hf_backbone import fill_image_settings
 from .preemption import StopRequest, ignore_stop_signals
 from .provenance import collect as collect_provenance
 from .report import write_run_outputs
@@ -134,6 +136,8 @@ class Trainer:
                            f"{[entry['file'] for entry in self.data.skipped[:3]]}", main_process_only=True)
         self.scenario = build_scenario(config.scenario, self.data.num_classes)
         self.label_map = self.scenario.label_map()
+        if config.backbone.source == "transformers":
+            fill_image_settings(config)  # the checkpoint's image processor, where the recipe set nothing
         self.train_transform, self.test_transform = build_transforms(config.data)
         self.method = build_method(config)
         check_images_per_class(self.data, self.scenario, *self.method.training_images_needed())
@@ -267,7 +271,9 @@ class Trainer:
                            f"({lock.previous_holder})", main_process_only=True)
         start_task, start_epoch, skip_steps = 0, 0, 0
         if resume:
-            changed = check_resume_config(self.run_dir, self.config.to_dict(), allow_config_change)
+            defaults = Config().to_dict()
+            defaults["method"]["params"] = dataclasses.asdict(type(self.method.params)())
+            changed = check_resume_config(self.run_dir, self.config.to_dict(), allow_config_change, defaults)
             start_task, start_epoch, skip_steps = self._prepare_resume()
             if changed:
                 logger.warning(f"--allow-config-change: resuming with changed {', '.join(changed)}",

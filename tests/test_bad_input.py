@@ -89,7 +89,7 @@ RECIPE_CASES = [
      "train.milestones: must be increasing"),
     ("keep-zero-checkpoints", lambda r, t: _set(r, "train.keep_checkpoints", 0), ConfigError,
      "train.keep_checkpoints: must be > 0"),
-    ("two-mean-values", lambda r, t: _set(r, "data.mean", [0.5, 0.5]), ConfigError, "data.mean / data.std"),
+    ("two-mean-values", lambda r, t: _set(r, "data.mean", [0.5, 0.5]), ConfigError, "data.mean: needs 3 values (RGB)"),
     ("unset-env-path", lambda r, t: _set(r, "data.path", "${SLCA_NOT_SET_ANYWHERE}/x.npz"), ConfigError,
      "environment variable SLCA_NOT_SET_ANYWHERE is not set"),
     # checks that need the data or the model, made when the trainer is built

@@ -92,3 +92,26 @@ def test_batch_wise_prompt_selection_gives_the_same_accuracy_with_two_processes(
     one, two = (json.loads((tmp_path / "runs" / name / "results.json").read_text()) for name in ("one", "two"))
     assert one["correct"] == two["correct"] and one["totals"] == two["totals"] == [21, 21]
     assert one["evaluation"] == two["evaluation"] and one["evaluation"]["batch"] == 4
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
+def test_a_transformers_backbone_trains_with_two_processes(odd_npz, tmp_path):
+    """DINOv2 from a local folder under DDP: statistics of the backbone as built equal one process's, and training
+    runs (its mask token, unused by the feature, is frozen, so DDP finds no parameter without a gradient)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8)).save_pretrained(tmp_path / "dinov2")
+    recipe = tiny_recipe(odd_npz, tmp_path / "runs", scenario={"increment": 3, "class_order_seed": 1993})
+    recipe["backbone"] = {"source": "transformers", "name": str(tmp_path / "dinov2")}
+    path = write_recipe(tmp_path / "dinov2.yaml", recipe)
+    _train(path, 1, "name=one", "train.epochs=0", cwd=tmp_path)
+    _train(path, 2, "name=two", "train.epochs=0", cwd=tmp_path)
+    one, two = _final_state(tmp_path / "runs" / "one"), _final_state(tmp_path / "runs" / "two")
+    assert torch.allclose(one["method"]["means"], two["method"]["means"], atol=1e-6)
+    assert torch.allclose(one["method"]["covs"], two["method"]["covs"], atol=1e-5)
+    assert one["matrix"]["correct"] == two["matrix"]["correct"]
+    _train(path, 2, "name=trained", "train.epochs=1", cwd=tmp_path)
+    results = json.loads((tmp_path / "runs" / "trained" / "results.json").read_text())
+    assert results["complete"] and results["num_processes"] == 2 and results["totals"] == [21, 21]

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from slca_kit import checkpoint as ckpt
@@ -275,3 +276,22 @@ def test_config_differences_by_hand():
     current = {"name": "b", "train": {"lr": 0.1, "log_with": ["tensorboard"], "new": 3}, "method": {"params": {}}}
     assert config_differences(stored, current) == {"method.params.x": {"before": 1, "after": None},
                                                    "train.new": {"before": None, "after": 3}}
+    # a key the stored config predates, at its default, is no difference; at another value it is
+    assert config_differences(stored, current, defaults={"train": {"new": 3}}) == {
+        "method.params.x": {"before": 1, "after": None}}
+    assert "train.new" in config_differences(stored, current, defaults={"train": {"new": 4}})
+
+
+def test_resume_accepts_a_run_stored_before_a_key_existed_when_it_has_its_default(tiny_npz, tmp_path):
+    """A run whose config.yaml predates backbone.source / revision and a method parameter added later resumes as before."""
+    recipe = _recipe(tiny_npz, tmp_path, "older", epochs=1)
+    _first_task_only(recipe)
+    stored_path = tmp_path / "older" / "config.yaml"
+    stored = yaml.safe_load(stored_path.read_text())
+    del stored["backbone"]["source"], stored["backbone"]["revision"], stored["method"]["params"]["ca_epochs"]
+    stored_path.write_text(yaml.safe_dump(stored))
+    assert Trainer(config_from_dict(recipe)).run(resume=True)["config_changes"] == []
+    stored["backbone"]["revision"] = "main"  # a stored value other than the default is a change
+    stored_path.write_text(yaml.safe_dump(stored))
+    with pytest.raises(ConfigError, match=r"backbone.revision: 'main' -> None"):
+        Trainer(config_from_dict(recipe)).run(resume=True)

@@ -20,8 +20,11 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     fake.write_bytes(b"")
     monkeypatch.setenv("MOCOV3_WEIGHTS", str(fake))
     cfg = load_config(recipe)
-    variants = {"online_ewc": "ewc", "pnn_adapter": "pnn"}
+    variants = {"online_ewc": "ewc", "pnn_adapter": "pnn", "slca_hf_vit": "slca"}
     assert cfg.method.name == variants.get(recipe.stem, recipe.stem.replace("_mocov3", ""))
+    if recipe.stem == "slca_hf_vit":  # the image processor, not the CIFAR preset, sets size and normalisation
+        assert cfg.backbone.source == "transformers" and cfg.backbone.pretrained
+        assert cfg.data.mean is None and cfg.data.image_size is None and cfg.data.transform == "cifar"
     if recipe.stem == "online_ewc":
         assert cfg.method.params.online and cfg.method.params.gamma == 1.0
     if cfg.method.name == "replay":
@@ -35,7 +38,9 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     if "mocov3" in recipe.stem:
         assert cfg.backbone.weights_key == "model" and cfg.train.epochs == 90 and cfg.train.milestones == [80]
     else:
-        assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k" and cfg.backbone.pretrained
+        expected = ("google/vit-base-patch16-224-in21k" if recipe.stem == "slca_hf_vit"
+                    else "vit_base_patch16_224.augreg_in21k")
+        assert cfg.backbone.name == expected and cfg.backbone.pretrained
         if cfg.method.name not in ("l2p", "dualprompt"):  # their own epochs
             assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
     cifar = recipe.parent.name == "cifar100"
@@ -100,7 +105,7 @@ def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no packaged recipe"):
         find_recipe("cifar100/_base")  # only extended, never run
     names = packaged_recipes()
-    assert len(names) == 4 * 23 + 21 and "imagenet_r/slca_pp" in names and not any("_base" in n for n in names)
+    assert len(names) == 4 * 23 + 21 + 1 and "imagenet_r/slca_pp" in names and not any("_base" in n for n in names)
 
 
 def test_published_targets_name_packaged_recipes_and_match_the_reference_notes():

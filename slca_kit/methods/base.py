@@ -79,6 +79,12 @@ class Method:
     # accuracy (each test sample classified among its own task's classes by ``predict_task``).
     needs_task_id: ClassVar[bool] = False
 
+    @classmethod
+    def backbone_sources(cls, params: Any) -> tuple[str, ...]:
+        """The ``backbone.source`` values this method works with (with these ``params``); methods that reach into
+        timm's ViT blocks say ("timm",)."""
+        return ("timm", "transformers")
+
     def __init__(self, params: Any, config: "Config"):
         self.params = params
         self.config = config

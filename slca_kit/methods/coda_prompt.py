@@ -55,6 +55,10 @@ class CodaLayerPrompts(nn.Module):
 class CodaPrompt(Method):
     name = "coda_prompt"
 
+    @classmethod
+    def backbone_sources(cls, params) -> tuple[str, ...]:
+        return ("timm",)  # prompts enter timm's blocks (prompts.PromptedViT)
+
     @dataclass
     class Params:
         layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # e_layers, models/zoo.py CodaPrompt

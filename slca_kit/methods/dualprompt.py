@@ -34,6 +34,10 @@ class DualPrompt(Method):
     name = "dualprompt"
     ddp_find_unused_parameters = True  # other tasks' E-prompts get no gradient
 
+    @classmethod
+    def backbone_sources(cls, params) -> tuple[str, ...]:
+        return ("timm",)  # prompts enter timm's blocks (prompts.PromptedViT)
+
     # Defaults: JH-LEE-KR/dualprompt-pytorch configs/cifar100_dualprompt.py (imr_dualprompt.py where noted).
     @dataclass
     class Params:

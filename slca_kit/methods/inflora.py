@@ -120,6 +120,10 @@ def design_down_projection(covariance: torch.Tensor, memory: DualGPM, rank: int)
 class InfLoRA(Method):
     name = "inflora"
 
+    @classmethod
+    def backbone_sources(cls, params) -> tuple[str, ...]:
+        return ("timm",)  # its branches wrap timm's blocks[i].attn.qkv
+
     # liangyanshuo/InfLoRA configs/cifar100_inflora.json (mimg10_inflora.json: ImageNet-R)
     @dataclass
     class Params:

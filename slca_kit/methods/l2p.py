@@ -44,6 +44,10 @@ class L2P(Method):
     name = "l2p"
     ddp_find_unused_parameters = True  # prompts not selected in a step get no gradient
 
+    @classmethod
+    def backbone_sources(cls, params) -> tuple[str, ...]:
+        return ("timm",)  # prompts enter timm's blocks (prompts.PromptedViT)
+
     # Defaults: the official JAX config, google-research/l2p configs/cifar100_l2p.py (the PyTorch port
     # JH-LEE-KR/l2p-pytorch configs/cifar100_l2p.py differs where noted).
     @dataclass

@@ -1,6 +1,7 @@
 """PackNet (Mallya & Lazebnik, CVPR 2018) on the pretrained ViT (lifelong_methods.md, 2).
 
-The weights of the targeted Linear layers (default: every block's qkv, proj, fc1, fc2) are shared out among tasks.
+The weights of the targeted Linear layers (default: every Linear layer of the backbone, as the paper packs every
+layer but the classifier; on timm's ViT that is each block's qkv, proj, fc1, fc2) are shared out among tasks.
 Task t trains all weights no earlier task owns ("free"), with earlier tasks' weights frozen; then magnitude pruning
 keeps the largest ``1 - prune_fraction`` of the free weights of each layer for task t and releases the others
 (set to 0), and the kept ones are retrained (``retrain_epochs``). With ``prune_rounds > 1`` pruning is iterative:
@@ -37,7 +38,10 @@ class PackNet(Method):
         prune_fraction: float = 0.75  # share of a task's free weights released after training (paper: 0.5 / 0.75)
         prune_rounds: int = 1  # the paper prunes once per task; > 1 is iterative pruning
         retrain_epochs: int = 10  # after each pruning round (paper: 10 epochs)
-        target_modules: str = r"backbone\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])\.weight"
+        # a regex over parameter names; None: the weight of every Linear layer in the backbone, on timm's ViT and
+        # transformers' alike (arunmallya/packnet src/prune.py:58-60 packs every Conv2d / Linear of the shared
+        # trunk; the ViT's one Conv2d, the patch embedding, stays frozen here)
+        target_modules: str | None = None
         free_weights_init: str = "pretrained"  # pretrained | zero (see the module docstring)
 
         def __post_init__(self):
@@ -62,6 +66,13 @@ class PackNet(Method):
 
     # -- which weights ----------------------------------------------------------------------------
     def packed(self, model) -> dict[str, torch.nn.Parameter]:
+        if self.params.target_modules is None:
+            named = {f"backbone.{name}.weight": module.weight for name, module in model.backbone.named_modules()
+                     if isinstance(module, torch.nn.Linear)}
+            if not named:
+                raise ConfigError("method.params.target_modules: the backbone has no Linear layer; name the "
+                                  "parameters to pack with a regex")
+            return named
         pattern = re.compile(self.params.target_modules)
         named = {name: p for name, p in model.named_parameters() if pattern.fullmatch(name)}
         if not named:

@@ -149,6 +149,11 @@ class ProgressiveNetworks(Method):
     name = "pnn"
     needs_task_id = True
 
+    @classmethod
+    def backbone_sources(cls, params) -> tuple[str, ...]:
+        # adapter columns hook timm's blocks[i].mlp; mlp columns need only the features
+        return ("timm",) if params.column == "adapter" else ("timm", "transformers")
+
     @dataclass
     class Params:
         column: str = "mlp"  # mlp | adapter

@@ -1,4 +1,5 @@
-"""PEFT adapters from a recipe's ``adapter:`` block, injected into the unmodified timm ViT with ``peft``.
+"""PEFT adapters from a recipe's ``adapter:`` block, injected with ``peft`` into the unmodified backbone (a timm
+ViT, or a transformers vision model).
 
 ``adapter.type`` is a peft type name (``lora``, ``ia3``, ``vera``, ...; see ``adapter_types``) and picks its
 config class; every other key of the block except ``target_modules``,
@@ -19,10 +20,11 @@ from ..errors import ConfigError
 ADAPTER_NAME = "default"
 
 
-# Defaults slca_kit adds for a tuner on the timm ViT (a recipe's own options win).
+# Defaults slca_kit adds for a tuner on the backbone (a recipe's own options win).
 TYPE_PRESETS = {
     "dora": {"use_dora": True},  # an alias: LoRA with DoRA's magnitude vector
-    "ia3": {"feedforward_modules": r"blocks\.\d+\.mlp\.fc2"},  # scales fc2's input
+    # scales fc2's input; timm's blocks.N.mlp.fc2 and transformers' ViT / DINOv2 / CLIP / SigLIP ...mlp.fc2
+    "ia3": {"feedforward_modules": r"(.*\.)?mlp\.fc2"},
 }
 
 
@@ -103,8 +105,11 @@ def attach_adapter(backbone: nn.Module, cfg: AdapterConfig) -> set[str]:
         inject_adapter_in_model(build_peft_config(cfg), backbone, adapter_name=ADAPTER_NAME)
     except (ValueError, TypeError, NotImplementedError, KeyError, AttributeError) as err:
         # e.g. no module matched target_modules, or a tuner that cannot be injected on its own
-        raise ConfigError(f"adapter: peft could not inject {cfg.type!r} into the ViT (target_modules "
-                          f"{cfg.target_modules!r}): {_first_line(err)}") from None
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.named_modules()
+                         if isinstance(module, nn.Linear)})
+        raise ConfigError(f"adapter: peft could not inject {cfg.type!r} into the backbone (target_modules "
+                          f"{cfg.target_modules!r}): {_first_line(err)}; its Linear modules are named "
+                          f"{', '.join(linear[:12])}") from None
     # peft keys adapter weights by adapter name ("...qkv.lora_A.default.weight"); wrapped base weights move to
     # "...qkv.base_layer.weight" and stay backbone weights.
     adapter = {name for name, _ in backbone.named_parameters() if ADAPTER_NAME in name.split(".")}

@@ -1,4 +1,5 @@
-"""Create a timm ViT by name and load weights from the Hub or a local .safetensors / .pth / .npz file.
+"""Create a timm ViT by name and load weights from the Hub or a local .safetensors / .pth / .npz file
+(``backbone.source: transformers`` goes to ``hf_backbone``).
 
 The ViT is timm's own, unmodified; ``num_classes=0`` makes its forward return the pre-logits feature
 (the CLS token after the final norm for ``global_pool='token'``), which is SLCA's feature (slca.md, Backbones).
@@ -92,6 +93,10 @@ def load_weights_file(model: nn.Module, path: str | Path, key: str | None = None
 
 
 def create_backbone(cfg: BackboneConfig) -> nn.Module:
+    if cfg.source == "transformers":
+        from .hf_backbone import create_transformers_backbone
+
+        return create_transformers_backbone(cfg)
     if not timm.is_model(cfg.name):
         close = difflib.get_close_matches(cfg.name.split(".")[0], timm.list_models(), n=3)
         raise ConfigError(f"backbone.name: {cfg.name!r} is not a timm model" + (f"; did you mean {close}?" if close
