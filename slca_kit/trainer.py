@@ -40,6 +40,7 @@ from .metrics import AccuracyMatrix
 from .models import build_model
 from .models.adapters import adapter_state_dict
 from .models.hf_backbone import fill_image_settings
+from .monitor import EpochProgress, epoch_metrics, learning_rates, task_metrics
 from .preemption import StopRequest, ignore_stop_signals
 from .provenance import collect as collect_provenance
 from .report import write_run_outputs
@@ -355,7 +356,7 @@ class Trainer:
         logger.info(f"task {task + 1}/{self.scenario.num_tasks}: accuracy on {ctx.seen_classes} seen classes "
                     f"{record['seen_accuracy']:.2f}%  ({record['seconds']})", main_process_only=True)
         if self.config.train.log_with:
-            accelerator.log({"seen_accuracy": record["seen_accuracy"]}, step=task)
+            accelerator.log(task_metrics(record, self.state.matrix), step=task)
         self._save_checkpoint(task, None)
         if accelerator.is_main_process:
             write_run_outputs(self.run_dir, self.results(complete=False))
@@ -396,10 +397,13 @@ class Trainer:
             with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
                 first = next(batches, None)
             batches = itertools.chain([first] if first is not None else [], batches)
+        progress = EpochProgress(len(prepared["loader"]) - skip_steps, f"  epoch {epoch + 1}",
+                                 accelerator.is_local_main_process, accelerator.num_processes)
         for step, (images, labels) in enumerate(batches, start=skip_steps):
             with accelerator.accumulate(model):
                 loss = self.method.training_loss(model, images, labels, ctx)
                 ensure_finite_loss(loss, "training", ctx.task, epoch, step, hint=" (lower train.lr?)")
+                progress.update(loss.item(), len(labels), learning_rates(optimizer))
                 accelerator.backward(loss)
                 if self.config.train.grad_clip is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
@@ -409,9 +413,18 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 self._stop_if_asked(f"task {ctx.task}, epoch {epoch}, step {step}", None, (ctx.task, epoch, step))
+        progress.close()
         trainable = ((name, p) for name, p in self.model.named_parameters() if p.requires_grad)
         ensure_finite_tensors(trainable, "parameter", "training", ctx.task, epoch, hint=" (lower train.lr?)")
+        if self.config.train.log_with and progress.steps:
+            accelerator.log(epoch_metrics(progress.mean_loss, learning_rates(optimizer)),
+                            step=self._epochs_before(ctx.task) + epoch)
         prepared["scheduler"].step()
+
+    def _epochs_before(self, task: int) -> int:
+        """Training epochs of the tasks before ``task``: the x axis of per-epoch tracker values, the same after a
+        resume."""
+        return sum(self.method.train_epochs(self.context(t)) for t in range(task))
 
     def evaluate(self, ctx: TaskContext) -> tuple[list[int], list[int]]:
         """Class-incremental correct counts and test samples per task (see ``Evaluator``)."""
