@@ -1,4 +1,4 @@
-"""Command line: ``slca train | reproduce | eval | report | list`` (also ``python -m slca_kit``)."""
+"""Command line: ``slca train | reproduce | eval | predict | export | report | list`` (also ``python -m slca_kit``)."""
 from __future__ import annotations
 
 import argparse
@@ -121,6 +121,29 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(ns: argparse.Namespace) -> int:
+    from .inference import image_files, load_run
+
+    files = image_files(ns.images)
+    model = load_run(ns.run_dir, device=ns.device)
+    for start in range(0, len(files), 64):
+        chunk = files[start:start + 64]
+        predictions = model.predict(chunk, top_k=ns.top_k)
+        for path, names, scores in zip(chunk, predictions.names, predictions.scores):
+            print(f"{path}: " + ", ".join(f"{name} {score:.3f}" for name, score in zip(names, scores)))
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from .export import export_run, push_to_hub
+
+    folder = export_run(ns.run_dir, ns.out_dir)
+    print(f"-> {folder}")
+    if ns.push_to_hub:
+        print(f"-> {push_to_hub(folder, ns.push_to_hub)}")
+    return 0
+
+
 def cmd_report(ns: argparse.Namespace) -> int:
     from .report import report
 
@@ -163,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
     evaluate.set_defaults(func=cmd_eval)
+    pred = sub.add_parser("predict", help="classify images with a run's (or an export's) latest model")
+    pred.add_argument("run_dir", help="a run folder or a folder written by `slca export`")
+    pred.add_argument("images", nargs="+", help="image files or folders of images")
+    pred.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    pred.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    pred.set_defaults(func=cmd_predict)
+    exp = sub.add_parser("export", help="write a self-contained model folder (weights, config, model card)")
+    exp.add_argument("run_dir")
+    exp.add_argument("out_dir", help="a new folder (an existing one is never overwritten)")
+    exp.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload it to this Hub model repository")
+    exp.set_defaults(func=cmd_export)
     rep = sub.add_parser("report", help="re-plot runs and print a comparison table")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--output", help="folder for the comparison plot and table")

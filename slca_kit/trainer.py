@@ -506,6 +506,7 @@ class Trainer:
             "num_processes": self.accelerator.num_processes,
             "task_sizes": list(self.scenario.task_sizes),
             "class_order": list(self.scenario.class_order),
+            "class_names": list(self.data.class_names),  # by the dataset's label id
             "skipped_images": {"count": len(self.data.skipped), "first": self.data.skipped[:20]},
             "data_split": self.data.split,  # split name, sizes, test-set fingerprint
             "setting": "class-incremental",  # the top-level accuracies: no task id at test
