@@ -1,4 +1,5 @@
-"""Run outputs a person can read: results.json, the accuracy matrix as CSV, and PNG plots; comparisons of runs."""
+"""Run outputs a person can read: results.json, the accuracy matrix as CSV, PNG plots and an HTML page (html_report);
+comparisons of runs."""
 from __future__ import annotations
 
 import csv
@@ -74,26 +75,41 @@ def write_run_outputs(run_dir: Path, results: dict) -> None:
                           matrix_csv(task_incremental["accuracy_matrix"]))
         plot_matrix({**results, **task_incremental}, run_dir / "accuracy_matrix_task_incremental.png",
                     setting="task-incremental")
+    from .html_report import run_page  # it builds on this module's tables
+
+    write_text_atomic(run_dir / "report.html", run_page(run_dir, results))
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def comparison_table(runs: list[dict]) -> str:
-    """Markdown table of Last-Acc, Inc-Acc, forgetting and BWT; one row per run and evaluation setting
-    (class-incremental for every run, task-incremental too for methods that use a task id at test)."""
-    lines = ["| run | method | setting | tasks | Last-Acc | Inc-Acc | Forgetting | BWT |",
-             "|---|---|---|---|---|---|---|---|"]
+COMPARISON_HEADER = ["run", "method", "setting", "tasks", "Last-Acc", "Inc-Acc", "Forgetting", "BWT"]
+SEED_HEADER = ["runs", "method", "seeds", "Last-Acc", "Inc-Acc", "Forgetting", "BWT"]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def comparison_rows(runs: list[dict]) -> list[list[str]]:
+    """Last-Acc, Inc-Acc, forgetting and BWT; one row per run and evaluation setting (class-incremental for every
+    run, task-incremental too for methods that use a task id at test)."""
+    rows = []
     for r in runs:
         settings = [("class-incremental", r)]
         if r.get("task_incremental"):
             settings.append(("task-incremental", r["task_incremental"]))
         for setting, m in settings:
-            lines.append(f"| {r['name']} | {r['method']} | {setting} | {len(m['accuracy_matrix'])}/"
-                         f"{len(r['task_sizes'])} | {_fmt(m['last_acc'])} | {_fmt(m['inc_acc'])} | "
-                         f"{_fmt(m['forgetting'])} | {_fmt(m['bwt'])} |")
-    return "\n".join(lines)
+            rows.append([r["name"], r["method"], setting, f"{len(m['accuracy_matrix'])}/{len(r['task_sizes'])}",
+                         _fmt(m["last_acc"]), _fmt(m["inc_acc"]), _fmt(m["forgetting"]), _fmt(m["bwt"])])
+    return rows
+
+
+def comparison_table(runs: list[dict]) -> str:
+    """Markdown table of ``comparison_rows``."""
+    return markdown_table(COMPARISON_HEADER, comparison_rows(runs))
 
 
 SEED_NEUTRAL = (("name",), ("output_dir",), ("scenario", "class_order_seed"))
@@ -137,16 +153,19 @@ def _fmt_mean_std(values: list[float | None]) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def seed_table(groups: list[list[dict]]) -> str:
-    """Markdown table of mean ± std over seeds, one row per group of complete runs (class-incremental)."""
-    lines = ["| runs | method | seeds | Last-Acc | Inc-Acc | Forgetting | BWT |", "|---|---|---|---|---|---|---|"]
+def seed_rows(groups: list[list[dict]]) -> list[list[str]]:
+    """Mean ± std over seeds, one row per group of complete runs (class-incremental)."""
+    rows = []
     for group in groups:
         seeds = [r["config"]["scenario"]["class_order_seed"] for r in group]
-        lines.append(f"| {', '.join(r['name'] for r in group)} | {group[0]['method']} | "
-                     f"{', '.join(str(s) for s in seeds)} | "
-                     + " | ".join(_fmt_mean_std([r[key] for r in group])
-                                  for key in ("last_acc", "inc_acc", "forgetting", "bwt")) + " |")
-    return "\n".join(lines)
+        rows.append([", ".join(r["name"] for r in group), group[0]["method"], ", ".join(str(s) for s in seeds)]
+                    + [_fmt_mean_std([r[key] for r in group]) for key in ("last_acc", "inc_acc", "forgetting", "bwt")])
+    return rows
+
+
+def seed_table(groups: list[list[dict]]) -> str:
+    """Markdown table of ``seed_rows``."""
+    return markdown_table(SEED_HEADER, seed_rows(groups))
 
 
 def report(run_dirs: list[Path], output: Path | None = None) -> str:
@@ -165,7 +184,11 @@ def report(run_dirs: list[Path], output: Path | None = None) -> str:
         table += "\n\nMean ± std (n - 1) over class-order seeds of complete runs that differ only by seed:\n\n"
         table += seed_table(over_seeds)
     if output is not None:
+        from .html_report import comparison_page
+
         output.mkdir(parents=True, exist_ok=True)
         plot_curves(runs, output / "comparison_curve.png")
         write_text_atomic(output / "comparison.md", table + "\n")
+        page = comparison_page(runs, over_seeds, output / "comparison_curve.png")
+        write_text_atomic(output / "comparison.html", page)
     return table

@@ -94,7 +94,8 @@ def test_a_transformers_run_exports_and_predicts_without_its_checkpoint_folder(t
     hf = tmp_path / "hf_vit"
     transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                  intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(hf)
-    _, run_dir = _train(tiny_npz, tmp_path, "slca", backbone={"source": "transformers", "name": str(hf), "model_kwargs": {}})
+    backbone = {"source": "transformers", "name": str(hf), "model_kwargs": {}}
+    _, run_dir = _train(tiny_npz, tmp_path, "slca", backbone=backbone)
     images, _ = _test_set(tiny_npz)
     reference = load_run(run_dir, device="cpu").logits(list(images))
     folder = export_run(run_dir, tmp_path / "hf_export")

@@ -69,3 +69,54 @@ def test_seed_groups_and_mean_std_by_hand():
     assert mean == 43.0 and abs(std - (7.0 ** 0.5)) < 1e-12  # ((9 + 1 + 4) / 2) ** 0.5
     assert mean_std([5.0]) == (5.0, None)
     assert "| a1, a2, a3 | slca | 1993, 1996, 1997 | 43.00 ± 2.65 | 53.00 ± 2.65 | - | - |" in seed_table(groups[:1])
+
+
+def test_report_writes_self_contained_html_pages(tiny_npz, tmp_path):
+    """report.html per run and comparison.html: plots inlined as PNG data, tables with the run's numbers, nothing
+    fetched from elsewhere."""
+    import base64
+    import html.parser
+
+    from slca_kit.report import report
+    from slca_kit.resolve import config_from_dict
+    from slca_kit.trainer import Trainer
+
+    from conftest import tiny_recipe
+
+    runs = []
+    for method in ("seq_ft", "slca"):
+        recipe = tiny_recipe(tiny_npz, tmp_path, method=method)
+        recipe["train"]["epochs"] = 1
+        runs.append(Trainer(config_from_dict(recipe)).run())
+    report([tmp_path / "tiny_seq_ft", tmp_path / "tiny_slca"], tmp_path / "compare")
+
+    class Collect(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.sources, self.links, self.cells = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                self.sources.append(attrs["src"])
+            if tag in ("script", "link") or "href" in attrs:
+                self.links.append(tag)
+
+        def handle_data(self, data):
+            if data.strip():
+                self.cells.append(data.strip())
+
+    for path, results, images in ((tmp_path / "tiny_slca" / "report.html", runs[1], 2),
+                                  (tmp_path / "compare" / "comparison.html", None, 1)):
+        page = Collect()
+        page.feed(path.read_text())
+        assert not page.links and len(page.sources) == images
+        for source in page.sources:  # each image is a whole PNG inside the page
+            assert source.startswith("data:image/png;base64,")
+            assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        if results is not None:
+            assert f"{results['last_acc']:.2f} / {results['inc_acc']:.2f}" in page.cells
+            row = page.cells.index("2", page.cells.index("task 2")) + 1  # the matrix row after task 2
+            assert page.cells[row:row + 3] == [f"{v:.2f}" for v in results["accuracy_matrix"][2]]
+    comparison = (tmp_path / "compare" / "comparison.html").read_text()
+    assert "tiny_seq_ft" in comparison and "tiny_slca" in comparison and "class-incremental" in comparison
