@@ -1,4 +1,4 @@
-"""Backbones (timm ViTs with local or Hub weights) and the incremental classifier."""
+"""Backbones (timm ViTs with local or Hub weights, or transformers vision models) and the incremental classifier."""
 from .backbone import create_backbone, load_weights_file
 from .continual import ContinualModel, build_model
 from .heads import IncrementalHead

@@ -1,4 +1,4 @@
-"""The trained model: an unmodified timm backbone plus the incremental head."""
+"""The trained model: an unmodified timm or transformers backbone plus the incremental head."""
 from __future__ import annotations
 
 from typing import Callable
