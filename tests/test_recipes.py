@@ -122,5 +122,7 @@ def test_published_targets_name_packaged_recipes_and_match_the_reference_notes()
             cells["slca_table1", "cars196/slca_pp", "last_acc"].std) == (73.97, 0.22)
     assert cells["slca_table1", "imagenet_r/seq_ft_sl", "inc_acc"].value == 76.84
     assert cells["method_papers", "cifar100/inflora", "last_acc"].std == 0.73
-    assert (cells["proxy", "proxy/seq_ft_sl", "inc_acc"].std, cells["proxy", "proxy/joint", "last_acc"].tolerance) == (
-        3.18, 4.0)
+    assert cells["proxy", "proxy/seq_ft_sl", "inc_acc"].std == 3.18
+    joint = cells["proxy", "proxy/joint", "last_acc"]  # three seeds: tolerance max(1, 2 std)
+    assert (joint.value, joint.std, joint.tolerance) == (54.69, 0.81, 1.62)
+    assert cells["proxy", "proxy/slca_pp", "last_acc"].tolerance == 4.0  # one run: the proxy's seed spread
