@@ -16,21 +16,22 @@ class EpochProgress:
     """One epoch's micro-batches: a bar with the epoch's running mean loss, each group's lr and images/s (over all
     processes), on the local main process only; ``mean_loss`` is what the trackers get at the epoch's end."""
 
-    def __init__(self, steps: int, description: str, enabled: bool, processes: int):
+    def __init__(self, steps: int, description: str, enabled: bool, processes: int, rates: dict[str, float]):
         self.bar = tqdm(total=steps, desc=description, disable=not enabled, leave=False, unit="step")
         self.processes = processes
+        # schedules step per epoch: the epoch's learning rates, formatted once
+        self.rates = "lr " + " ".join(f"{name} {rate:.2g}" for name, rate in rates.items())
         self.loss_sum = 0.0
         self.steps = 0
         self.images = 0
         self.start = time.perf_counter()
 
-    def update(self, loss: float, batch_size: int, rates: dict[str, float]) -> None:
+    def update(self, loss: float, batch_size: int) -> None:
         self.loss_sum += loss
         self.steps += 1
         self.images += batch_size * self.processes
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        lrs = " ".join(f"{name} {rate:.2g}" for name, rate in rates.items())
-        self.bar.set_postfix_str(f"loss {self.mean_loss:.4f}  lr {lrs}  {self.images / elapsed:.1f} img/s",
+        self.bar.set_postfix_str(f"loss {self.mean_loss:.4f}  {self.rates}  {self.images / elapsed:.1f} img/s",
                                  refresh=False)
         self.bar.update(1)
 

@@ -397,13 +397,14 @@ class Trainer:
             with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
                 first = next(batches, None)
             batches = itertools.chain([first] if first is not None else [], batches)
+        rates = learning_rates(optimizer)
         progress = EpochProgress(len(prepared["loader"]) - skip_steps, f"  epoch {epoch + 1}",
-                                 accelerator.is_local_main_process, accelerator.num_processes)
+                                 accelerator.is_local_main_process, accelerator.num_processes, rates)
         for step, (images, labels) in enumerate(batches, start=skip_steps):
             with accelerator.accumulate(model):
                 loss = self.method.training_loss(model, images, labels, ctx)
                 ensure_finite_loss(loss, "training", ctx.task, epoch, step, hint=" (lower train.lr?)")
-                progress.update(loss.item(), len(labels), learning_rates(optimizer))
+                progress.update(loss.item(), len(labels))
                 accelerator.backward(loss)
                 if self.config.train.grad_clip is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
@@ -417,8 +418,7 @@ class Trainer:
         trainable = ((name, p) for name, p in self.model.named_parameters() if p.requires_grad)
         ensure_finite_tensors(trainable, "parameter", "training", ctx.task, epoch, hint=" (lower train.lr?)")
         if self.config.train.log_with and progress.steps:
-            accelerator.log(epoch_metrics(progress.mean_loss, learning_rates(optimizer)),
-                            step=self._epochs_before(ctx.task) + epoch)
+            accelerator.log(epoch_metrics(progress.mean_loss, rates), step=self._epochs_before(ctx.task) + epoch)
         prepared["scheduler"].step()
 
     def _epochs_before(self, task: int) -> int:

@@ -40,14 +40,19 @@ def _final_state(run_dir):
     return torch.load(latest / "custom_checkpoint_0.pkl", weights_only=False)
 
 
+def _one_and_two_processes(recipe_path, tmp_path):
+    """The final states of the recipe run with the backbone as built (epochs=0) on one and on two processes."""
+    _train(recipe_path, 1, "name=one", "train.epochs=0", cwd=tmp_path)
+    _train(recipe_path, 2, "name=two", "train.epochs=0", cwd=tmp_path)
+    return _final_state(tmp_path / "runs" / "one"), _final_state(tmp_path / "runs" / "two")
+
+
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
 def test_two_processes_match_one(odd_npz, tmp_path):
     recipe = tiny_recipe(odd_npz, tmp_path / "runs", scenario={"increment": 3, "class_order_seed": 1993})
     path = write_recipe(tmp_path / "odd.yaml", recipe)
     # epochs=0: the backbone stays as built, so statistics depend only on how features are sharded and reduced
-    _train(path, 1, "name=one", "train.epochs=0", cwd=tmp_path)
-    _train(path, 2, "name=two", "train.epochs=0", cwd=tmp_path)
-    one, two = _final_state(tmp_path / "runs" / "one"), _final_state(tmp_path / "runs" / "two")
+    one, two = _one_and_two_processes(path, tmp_path)
     assert torch.allclose(one["method"]["means"], two["method"]["means"], atol=1e-9)
     assert torch.allclose(one["method"]["covs"], two["method"]["covs"], atol=1e-6)
     assert one["matrix"]["totals"] == two["matrix"]["totals"] == [21, 21]  # uneven shards, each sample once
@@ -66,9 +71,7 @@ def test_lifelong_state_is_the_same_with_two_processes(odd_npz, tmp_path, method
     recipe = tiny_recipe(odd_npz, tmp_path / "runs", method=method, scenario={"increment": 3, "class_order_seed": 1993})
     recipe["method"]["params"] = {"memory_size": 8} if method == "replay" else {"epochs": 2} if method == "den" else {}
     path = write_recipe(tmp_path / f"{method}.yaml", recipe)
-    _train(path, 1, "name=one", "train.epochs=0", cwd=tmp_path)
-    _train(path, 2, "name=two", "train.epochs=0", cwd=tmp_path)
-    one, two = _final_state(tmp_path / "runs" / "one"), _final_state(tmp_path / "runs" / "two")
+    one, two = _one_and_two_processes(path, tmp_path)
     assert one["matrix"] == two["matrix"] and one["task_matrix"] == two["task_matrix"]
     if method == "ewc":
         for name, fisher in one["method"]["importance"].items():
@@ -106,9 +109,7 @@ def test_a_transformers_backbone_trains_with_two_processes(odd_npz, tmp_path):
     recipe = tiny_recipe(odd_npz, tmp_path / "runs", scenario={"increment": 3, "class_order_seed": 1993})
     recipe["backbone"] = {"source": "transformers", "name": str(tmp_path / "dinov2")}
     path = write_recipe(tmp_path / "dinov2.yaml", recipe)
-    _train(path, 1, "name=one", "train.epochs=0", cwd=tmp_path)
-    _train(path, 2, "name=two", "train.epochs=0", cwd=tmp_path)
-    one, two = _final_state(tmp_path / "runs" / "one"), _final_state(tmp_path / "runs" / "two")
+    one, two = _one_and_two_processes(path, tmp_path)
     assert torch.allclose(one["method"]["means"], two["method"]["means"], atol=1e-6)
     assert torch.allclose(one["method"]["covs"], two["method"]["covs"], atol=1e-5)
     assert one["matrix"]["correct"] == two["matrix"]["correct"]

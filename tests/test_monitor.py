@@ -11,10 +11,11 @@ from conftest import tiny_recipe
 
 
 def test_epoch_progress_keeps_the_running_mean_loss_and_counts_images_over_processes():
-    progress = EpochProgress(3, "epoch 1", enabled=False, processes=2)
-    progress.update(1.0, 8, {"head": 0.1})
-    progress.update(2.0, 8, {"head": 0.1})
-    progress.update(6.0, 4, {"head": 0.1})
+    progress = EpochProgress(3, "epoch 1", enabled=False, processes=2, rates={"head": 0.1, "backbone": 0.001})
+    progress.update(1.0, 8)
+    progress.update(2.0, 8)
+    progress.update(6.0, 4)
+    assert progress.rates == "lr head 0.1 backbone 0.001"
     assert progress.mean_loss == pytest.approx(3.0) and progress.steps == 3
     assert progress.images == (8 + 8 + 4) * 2
     progress.close()
