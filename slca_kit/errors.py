@@ -41,3 +41,9 @@ class Preempted(SlcaKitError):
     def __init__(self, message: str, signal_number: int):
         super().__init__(message)
         self.signal_number = signal_number
+
+
+def first_line(err: Exception) -> str:
+    """A library's message can run over several lines; an ``error:`` line keeps the first."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

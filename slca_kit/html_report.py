@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .report import COMPARISON_HEADER, SEED_HEADER, comparison_rows, seed_rows
+from .report import COMPARISON_HEADER, SEED_HEADER, comparison_rows, format_value, seed_rows
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:72em;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -41,9 +41,6 @@ def _matrix_rows(matrix: list[list[float | None]]) -> list[list[object]]:
     return [[i] + ["" if v is None else f"{v:.2f}" for v in row] for i, row in enumerate(matrix)]
 
 
-def _number(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
 
 def run_page(run_dir: Path, results: dict) -> str:
     config = results.get("config", {})
@@ -55,8 +52,8 @@ def run_page(run_dir: Path, results: dict) -> str:
         ["data", data.get("benchmark") or data.get("source", "")],
         ["backbone", f"{backbone.get('name', '')} ({backbone.get('source', 'timm')})"],
         ["tasks", f"{list(results['task_sizes'])} ({status})"],
-        ["Last-Acc / Inc-Acc", f"{_number(results['last_acc'])} / {_number(results['inc_acc'])}"],
-        ["forgetting / BWT", f"{_number(results.get('forgetting'))} / {_number(results.get('bwt'))}"],
+        ["Last-Acc / Inc-Acc", f"{format_value(results['last_acc'])} / {format_value(results['inc_acc'])}"],
+        ["forgetting / BWT", f"{format_value(results.get('forgetting'))} / {format_value(results.get('bwt'))}"],
     ]
     pairs = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary)
     body = [f'<table class="summary">{pairs}</table>', "<h2>Accuracy</h2>",

@@ -80,7 +80,7 @@ def write_run_outputs(run_dir: Path, results: dict) -> None:
     write_text_atomic(run_dir / "report.html", run_page(run_dir, results))
 
 
-def _fmt(value: float | None) -> str:
+def format_value(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -103,7 +103,7 @@ def comparison_rows(runs: list[dict]) -> list[list[str]]:
             settings.append(("task-incremental", r["task_incremental"]))
         for setting, m in settings:
             rows.append([r["name"], r["method"], setting, f"{len(m['accuracy_matrix'])}/{len(r['task_sizes'])}",
-                         _fmt(m["last_acc"]), _fmt(m["inc_acc"]), _fmt(m["forgetting"]), _fmt(m["bwt"])])
+                         *(format_value(m[key]) for key in ("last_acc", "inc_acc", "forgetting", "bwt"))])
     return rows
 
 

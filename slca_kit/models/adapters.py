@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..config import AdapterConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 ADAPTER_NAME = "default"
 
@@ -54,11 +54,6 @@ def custom_module_types() -> list[str]:
                   if hasattr(config_cls, "_register_custom_module"))
 
 
-def _first_line(err: Exception) -> str:
-    """peft's messages can run over several lines; an ``error:`` line keeps the first."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 def _import(dotted: str, key: str) -> Any:
     module_name, _, attribute = dotted.rpartition(".")
@@ -84,7 +79,7 @@ def build_peft_config(cfg: AdapterConfig):
         config = config_cls(**{**preset, **cfg.options, "target_modules": cfg.target_modules})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"adapter: invalid {config_cls.__name__} options for {cfg.type!r}: "
-                          f"{_first_line(err)}") from None
+                          f"{first_line(err)}") from None
     if cfg.custom_modules:
         if not hasattr(config, "_register_custom_module"):
             raise ConfigError(f"adapter.custom_modules: peft's {config_cls.__name__} ({cfg.type}) takes no custom "
@@ -108,7 +103,7 @@ def attach_adapter(backbone: nn.Module, cfg: AdapterConfig) -> set[str]:
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.named_modules()
                          if isinstance(module, nn.Linear)})
         raise ConfigError(f"adapter: peft could not inject {cfg.type!r} into the backbone (target_modules "
-                          f"{cfg.target_modules!r}): {_first_line(err)}; its Linear modules are named "
+                          f"{cfg.target_modules!r}): {first_line(err)}; its Linear modules are named "
                           f"{', '.join(linear[:12])}") from None
     # peft keys adapter weights by adapter name ("...qkv.lora_A.default.weight"); wrapped base weights move to
     # "...qkv.base_layer.weight" and stay backbone weights.

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import BackboneConfig, Config
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, first_line
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,6 @@ def _quiet_transformers():
         logging.enable_progress_bar()
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 def model_type(cfg: BackboneConfig) -> str:
     from transformers import AutoConfig
@@ -79,7 +75,7 @@ def model_type(cfg: BackboneConfig) -> str:
     except (OSError, ValueError) as err:
         where = "local folder" if Path(cfg.name).exists() else "Hub id (no network? point it at a local folder)"
         raise ConfigError(f"backbone.name: cannot load a transformers config from {cfg.name!r} as a {where}: "
-                          f"{_first_line(err)}") from None
+                          f"{first_line(err)}") from None
     if config.model_type not in FAMILIES:
         raise ConfigError(f"backbone.name: {cfg.name!r} is a {config.model_type!r} checkpoint; backbone.source "
                           f"transformers supports {', '.join(sorted(FAMILIES))}")
@@ -123,7 +119,7 @@ def create_transformers_backbone(cfg: BackboneConfig) -> TransformersBackbone:
                 model, info = model_class(config, **family.init_kwargs), {"missing_keys": []}
     except (OSError, ValueError, TypeError) as err:
         raise ConfigError(f"backbone: transformers cannot build {family.model_class} from {cfg.name!r} with "
-                          f"model_kwargs {cfg.model_kwargs}: {_first_line(err)}") from None
+                          f"model_kwargs {cfg.model_kwargs}: {first_line(err)}") from None
     missing = sorted(info["missing_keys"])
     if missing:
         raise CheckpointError(f"backbone.name: {cfg.name} lacks {len(missing)} weights of its {family.model_class}, "
