@@ -1,4 +1,5 @@
-"""Command line: ``slca train | reproduce | eval | predict | export | report | list`` (also ``python -m slca_kit``)."""
+"""Command line: ``slca train | reproduce | eval | predict | export | report | pretrain-glyphs | list``
+(also ``python -m slca_kit``)."""
 from __future__ import annotations
 
 import argparse
@@ -10,14 +11,15 @@ from pathlib import Path
 from .checkpoint import latest_checkpoint
 from .errors import Preempted, SlcaKitError
 from .io import read_json
-from .recipe_files import default_recipe_path, find_recipe
+from .recipe_files import find_recipe
 
 
-def _split_recipe(args: list[str]) -> tuple[Path, list[str]]:
-    """The first argument without '=' is the recipe (a file or a packaged recipe's name); the rest are overrides."""
+def _split_recipe(args: list[str]) -> tuple[Path | None, list[str]]:
+    """The first argument without '=' is the recipe (a file or a packaged recipe's name); the rest are overrides.
+    No recipe: the embedded demo."""
     if args and "=" not in args[0]:
         return find_recipe(args[0]), args[1:]
-    return default_recipe_path(), args
+    return None, args
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -26,9 +28,37 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     configure_logging()
     recipe, overrides = _split_recipe(ns.args)
+    if recipe is None:
+        return _train_demo(ns, overrides)
     if not ns.seeds:
         return _train_one(ns, load_config(recipe, overrides), resume=ns.resume)
     return _train_seeds(ns, recipe, overrides, ns.seeds, resume=ns.resume)
+
+
+def _train_demo(ns: argparse.Namespace, overrides: list[str]) -> int:
+    """slca, seq_ft_sl and seq_ft from the cached glyph-pretrained ViT (made first if missing), then one table
+    and one plot. Finished runs of the same settings are reused; interrupted ones continue."""
+    from .demo import demo_configs, run_state, summary
+    from .glyphs import ensure_demo_backbone
+
+    if ns.seeds:
+        raise SlcaKitError("--seeds: name a recipe (e.g. slca train demo/slca --seeds 1993 1996 1997); the default "
+                           "job runs each demo method once")
+    card = {}
+    if not any(item.startswith("backbone.") for item in overrides):  # another backbone needs no glyph weights
+        card = ensure_demo_backbone()[1]
+    configs = demo_configs(overrides)
+    for config in configs:
+        state = run_state(config)
+        if state == "complete":
+            print(f"{config.name}: complete in {Path(config.output_dir) / config.name}, reused")
+            continue
+        status = _train_one(ns, config, resume=state == "started")
+        if status:
+            return status
+    output = Path(configs[0].output_dir)
+    print(summary([output / config.name for config in configs], card, output))
+    return 0
 
 
 def _train_seeds(ns: argparse.Namespace, recipe: Path, overrides: list[str], seeds: list[int], resume: bool) -> int:
@@ -144,6 +174,19 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_glyphs(ns: argparse.Namespace) -> int:
+    from .glyphs import CACHE_NAME, GlyphPretraining, cache_folder, pretrain, save
+
+    given = {key: getattr(ns, key) for key in ("per_class", "epochs", "batch_size", "lr", "weight_decay", "seed")}
+    settings = GlyphPretraining(**{key: value for key, value in given.items() if value is not None})
+    settings.validate()
+    state, card = pretrain(settings)
+    weights = save(state, card, Path(ns.output) if ns.output else cache_folder(), CACHE_NAME)
+    print(f"held-out-font accuracy {card['held_out_font_accuracy']}% (chance {card['chance_accuracy']}%) in "
+          f"{card['seconds']:.0f} s -> {weights} and {weights.with_suffix('.json').name}")
+    return 0
+
+
 def cmd_report(ns: argparse.Namespace) -> int:
     from .report import report
 
@@ -174,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slca", description="Continual fine-tuning of pretrained ViTs (SLCA).")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a recipe: slca train [RECIPE.yaml] [key=value ...]")
-    train.add_argument("args", nargs="*", help="recipe path (default: the embedded digits recipe), then overrides")
+    train.add_argument("args", nargs="*", help="recipe path or name (none: the embedded demo, three methods on digits), then overrides")
     train.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     train.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                        help="one run per class-order seed (NAME_seedS), one after the other; complete runs are "
@@ -210,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--output", help="folder for the runs and the table (default: reproduce/TABLE)")
     repro.add_argument("--dry-run", action="store_true", help="print the commands and the estimated cost only")
     repro.set_defaults(func=cmd_reproduce, allow_config_change=False)
+    glyphs = sub.add_parser("pretrain-glyphs", help="pretrain the demo's ViT on rendered glyphs (the default job "
+                                                    "does this once into its cache)")
+    glyphs.add_argument("--output", help="folder for glyph_vit_v1.safetensors and .json (default: the cache folder, "
+                                         "$SLCA_KIT_CACHE or ~/.cache/slca_kit)")
+    glyphs.add_argument("--per-class", type=int, help="training images per glyph (default: the demo's, 400)")
+    glyphs.add_argument("--epochs", type=int, help="default: the demo's, 5")
+    glyphs.add_argument("--batch-size", type=int, help="default: the demo's, 256")
+    glyphs.add_argument("--lr", type=float, help="AdamW peak lr of the one-cycle schedule (default: the demo's, 3e-3)")
+    glyphs.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: the demo's, 0.05)")
+    glyphs.add_argument("--seed", type=int, help="default: the demo's, 0")
+    glyphs.set_defaults(func=cmd_pretrain_glyphs)
     lst = sub.add_parser("list", help="list methods, benchmarks and recipes with their published numbers")
     lst.set_defaults(func=cmd_list)
     return parser

@@ -370,7 +370,7 @@ def expand_env(text: str) -> str:
     return _ENV_PATTERN.sub(replace, text)
 
 
-PATH_KEYS = (("data", "path"), ("backbone", "weights"), ("backbone", "card"), ("backbone", "name"))  # ${VAR} expanded
+PATH_KEYS = (("data", "path"), ("backbone", "weights"), ("backbone", "card"), ("backbone", "name"))  # ${VAR}, ~ expanded
 
 
 def build_config(data: dict) -> Config:
@@ -380,9 +380,9 @@ def build_config(data: dict) -> Config:
     for section, key in PATH_KEYS:
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str):
-            data[section][key] = expand_env(value)
+            data[section][key] = os.path.expanduser(expand_env(value))
     if isinstance(data.get("output_dir"), str):
-        data["output_dir"] = expand_env(data["output_dir"])
+        data["output_dir"] = os.path.expanduser(expand_env(data["output_dir"]))
     if isinstance(data.get("adapter"), dict):  # inline peft options move under adapter.options
         known = {f.name for f in dataclasses.fields(AdapterConfig)}
         adapter = {k: v for k, v in data["adapter"].items() if k in known}

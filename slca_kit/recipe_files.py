@@ -8,9 +8,6 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-DEFAULT_RECIPE = "default"
-
-
 def recipes_root() -> Path:
     return Path(str(resources.files("slca_kit") / "recipes"))
 
@@ -34,8 +31,3 @@ def find_recipe(name_or_path: str) -> Path:
     close = difflib.get_close_matches(name_or_path, packaged_recipes(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `slca list` shows the packaged recipes"
     raise ConfigError(f"recipe {name_or_path!r}: no such file, and no packaged recipe of that name{hint}")
-
-
-def default_recipe_path() -> Path:
-    """The embedded default: SLCA on scikit-learn's digits, offline and on CPU in a few minutes."""
-    return recipes_root() / f"{DEFAULT_RECIPE}.yaml"

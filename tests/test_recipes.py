@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 
 from slca_kit.errors import ConfigError
-from slca_kit.recipe_files import default_recipe_path, find_recipe, packaged_recipes, recipes_root
+from slca_kit.recipe_files import find_recipe, packaged_recipes, recipes_root
 from slca_kit.resolve import load_config
 
 from conftest import shared_path
 
 RECIPES = recipes_root()
-PAPER = sorted(p for p in RECIPES.glob("*/*.yaml") if not p.name.startswith("_") and p.parent.name != "proxy")
+PAPER = sorted(p for p in RECIPES.glob("*/*.yaml")
+               if not p.name.startswith("_") and p.parent.name not in ("proxy", "demo", "digits"))
 
 
 @pytest.mark.parametrize("recipe", PAPER, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -78,15 +79,32 @@ def test_proxy_recipes_resolve(method, monkeypatch):
     assert cfg.data.path == str(shared / "data" / "flowers102_32.npz") and cfg.scenario.remainder == "merge"
 
 
-def test_embedded_default_resolves():
-    cfg = load_config(default_recipe_path())
-    assert cfg.data.source == "digits" and cfg.method.name == "slca"
+def test_digits_recipe_stays_available_by_name():
+    cfg = load_config(find_recipe("digits/slca"))
+    assert cfg.data.source == "digits" and cfg.method.name == "slca" and cfg.backbone.weights is None
+
+
+@pytest.mark.parametrize("method", ["slca", "seq_ft_sl", "seq_ft"])
+def test_demo_recipes_read_the_glyph_backbone_from_the_cache(method, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SLCA_KIT_CACHE", raising=False)
+    with pytest.raises(ConfigError, match=re.escape(f"file not found: {tmp_path}/.cache/slca_kit/glyph_vit_v1")):
+        load_config(find_recipe(f"demo/{method}"))  # ~ expanded to $HOME
+    cache = tmp_path / "elsewhere"
+    cache.mkdir()
+    for suffix in (".json", ".safetensors"):
+        (cache / f"glyph_vit_v1{suffix}").write_text("{}")
+    monkeypatch.setenv("SLCA_KIT_CACHE", str(cache))
+    cfg = load_config(find_recipe(f"demo/{method}"))
+    assert cfg.backbone.weights == str(cache / "glyph_vit_v1.safetensors") and cfg.method.name == method
+    assert cfg.data.benchmark == "digits" and (cfg.train.epochs, cfg.train.milestones, cfg.train.lr) == (10, [8], 0.01)
+    assert cfg.method.params.backbone_lr_scale == (1.0 if method == "seq_ft" else 0.01)  # bcb_lrscale
 
 
 SOURCE = re.compile(r"[A-Za-z0-9_-]+/[A-Za-z0-9_.-]+ [^\n]*?[A-Za-z0-9_/.-]+\.(py|json|yaml)")
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*/*.yaml")) + [default_recipe_path()],
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*/*.yaml")),
                          ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_recipe_names_the_file_its_values_come_from(recipe):
     header = "".join(line for line in recipe.read_text().splitlines(keepends=True) if line.startswith("#"))
@@ -105,7 +123,9 @@ def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no packaged recipe"):
         find_recipe("cifar100/_base")  # only extended, never run
     names = packaged_recipes()
-    assert len(names) == 4 * 23 + 21 + 1 and "imagenet_r/slca_pp" in names and not any("_base" in n for n in names)
+    # 23 per paper benchmark, 21 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
+    assert len(names) == 4 * 23 + 21 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
+    assert "demo/slca" in names and "digits/slca" in names and not any("_base" in n for n in names)
 
 
 def test_published_targets_name_packaged_recipes_and_match_the_reference_notes():
