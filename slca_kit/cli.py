@@ -56,8 +56,11 @@ def _train_demo(ns: argparse.Namespace, overrides: list[str]) -> int:
         status = _train_one(ns, config, resume=state == "started")
         if status:
             return status
-    output = Path(configs[0].output_dir)
-    print(summary([output / config.name for config in configs], card, output))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, one table
+        output = Path(configs[0].output_dir)
+        print(summary([output / config.name for config in configs], card, output))
     return 0
 
 
