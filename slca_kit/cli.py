@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slca", description="Continual fine-tuning of pretrained ViTs (SLCA).")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a recipe: slca train [RECIPE.yaml] [key=value ...]")
-    train.add_argument("args", nargs="*", help="recipe path or name (none: the embedded demo, three methods on digits), then overrides")
+    train.add_argument("args", nargs="*",
+                       help="recipe path or name (none: the embedded demo, three methods on digits), then overrides")
     train.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     train.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                        help="one run per class-order seed (NAME_seedS), one after the other; complete runs are "
