@@ -51,7 +51,7 @@ class DataConfig:
     test_fraction: float | None = None  # stratified: fraction of each class's images that test
     split_seed: int = 0
     num_classes: int | None = None  # declared class count, checked against the data
-    transform: str = "none"  # reference transform preset: cifar | imagenet_r | cub_cars | none
+    transform: str = "none"  # transform preset: cifar | imagenet_r | cub_cars (SLCA) | pilot | pilot_cifar | none
     # Input size and normalisation. With backbone.source transformers, the ones the recipe leaves unset come from
     # the checkpoint's image processor (None until the run starts; slca_kit/models/hf_backbone.py).
     image_size: int | None = 224
@@ -165,7 +165,7 @@ TIMM_ADAPTER_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 CHOICES = {
     "backbone.source": ("timm", "transformers"),
     "data.source": ("digits", "arrays", "imagefolder", "hub"),
-    "data.transform": ("cifar", "imagenet_r", "cub_cars", "none"),
+    "data.transform": ("cifar", "imagenet_r", "cub_cars", "pilot", "pilot_cifar", "none"),
     "scenario.remainder": ("separate", "merge"),
     "data.bad_images": ("fail", "skip"),
     "train.optimizer": ("sgd", "adam", "adamw"),
@@ -370,7 +370,7 @@ def expand_env(text: str) -> str:
     return _ENV_PATTERN.sub(replace, text)
 
 
-PATH_KEYS = (("data", "path"), ("backbone", "weights"), ("backbone", "card"), ("backbone", "name"))  # ${VAR}, ~ expanded
+PATH_KEYS = (("data", "path"), ("backbone", "weights"), ("backbone", "card"), ("backbone", "name"))  # ${VAR}, ~ expand
 
 
 def build_config(data: dict) -> Config:

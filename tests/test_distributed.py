@@ -116,3 +116,32 @@ def test_a_transformers_backbone_trains_with_two_processes(odd_npz, tmp_path):
     _train(path, 2, "name=trained", "train.epochs=1", cwd=tmp_path)
     results = json.loads((tmp_path / "runs" / "trained" / "results.json").read_text())
     assert results["complete"] and results["num_processes"] == 2 and results["totals"] == [21, 21]
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
+def test_ranpac_gram_and_ridge_readout_are_the_same_with_two_processes(odd_npz, tmp_path):
+    """RanPAC's G and Q come from features gathered in split order: two processes end with one process's G, Q,
+    ridges and readout; its first session (adapters + cosine head) trains under DDP."""
+    recipe = tiny_recipe(odd_npz, tmp_path / "runs", method="ranpac",
+                         scenario={"increment": 3, "class_order_seed": 1993}, backbone={"replace_final_norm": False})
+    recipe["method"]["params"] = {"projection_dim": 40, "adapter_bottleneck": 4}
+    path = write_recipe(tmp_path / "ranpac.yaml", recipe)
+    one, two = _one_and_two_processes(path, tmp_path)
+    assert one["method"]["chosen_ridges"] == two["method"]["chosen_ridges"]
+    for key in ("gram", "class_sums", "readout"):
+        assert torch.allclose(one["method"][key], two["method"][key], rtol=1e-5, atol=1e-5), key
+    assert one["matrix"] == two["matrix"]
+    _train(path, 2, "name=trained", "train.epochs=1", cwd=tmp_path)
+    results = json.loads((tmp_path / "runs" / "trained" / "results.json").read_text())
+    assert results["complete"] and results["num_processes"] == 2
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
+def test_fecam_class_statistics_are_the_same_with_two_processes(odd_npz, tmp_path):
+    recipe = tiny_recipe(odd_npz, tmp_path / "runs", method="fecam",
+                         scenario={"increment": 3, "class_order_seed": 1993})
+    path = write_recipe(tmp_path / "fecam.yaml", recipe)
+    one, two = _one_and_two_processes(path, tmp_path)
+    assert torch.allclose(one["method"]["means"], two["method"]["means"], atol=1e-6)
+    assert torch.allclose(one["method"]["precisions"], two["method"]["precisions"], rtol=1e-4, atol=1e-3)
+    assert one["matrix"] == two["matrix"]

@@ -39,11 +39,26 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     if "mocov3" in recipe.stem:
         assert cfg.backbone.weights_key == "model" and cfg.train.epochs == 90 and cfg.train.milestones == [80]
     else:
+        in1k = cfg.method.name == "ranpac" and recipe.parent.name in ("cub200", "imagenet_r")  # args/*_publish.csv
         expected = ("google/vit-base-patch16-224-in21k" if recipe.stem == "slca_hf_vit"
-                    else "vit_base_patch16_224.augreg_in21k")
+                    else "vit_base_patch16_224.augreg_in21k_ft_in1k" if in1k else "vit_base_patch16_224.augreg_in21k")
         assert cfg.backbone.name == expected and cfg.backbone.pretrained
-        if cfg.method.name not in ("l2p", "dualprompt"):  # their own epochs
+        if cfg.method.name not in ("l2p", "dualprompt", "ranpac"):  # their own epochs
             assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
+    if cfg.method.name == "ranpac":  # RanPAC/RanPAC args/*_publish.csv row 7
+        assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay) == (20, 48, 0.01, 5e-4)
+        assert cfg.method.params.projection_dim == 10000 and cfg.method.params.first_session == "adapter"
+        assert cfg.data.mean == [0.0] * 3 and cfg.data.std == [1.0] * 3 and not cfg.backbone.replace_final_norm
+        assert cfg.data.transform == ("pilot_cifar" if recipe.parent.name == "cifar100" else "pilot")
+        if recipe.parent.name == "cars196":
+            assert cfg.scenario.init_classes == 16 and cfg.data.split == "official"
+    if cfg.method.name == "fecam":  # dipamgoswami/FeCAM FeCAM_vit_*.py
+        cifar = recipe.parent.name == "cifar100"
+        assert (cfg.method.params.shrink_diagonal, cfg.method.params.shrink_off_diagonal) == ((1.0, 0.0) if cifar
+                                                                                             else (10.0, 10.0))
+        assert cfg.data.mean == [0.0] * 3 and not cfg.backbone.replace_final_norm
+        if recipe.parent.name in ("cifar100", "imagenet_r"):
+            assert cfg.scenario.class_order_seed is None
     cifar = recipe.parent.name == "cifar100"
     if cfg.method.name in ("l2p", "dualprompt", "coda_prompt", "inflora"):
         assert cfg.backbone.replace_final_norm is False and cfg.train.optimizer == "adam"
@@ -71,7 +86,7 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "inflora", "l2p",
                                     "dualprompt", "coda_prompt", "joint", "linear_probe", "ewc", "online_ewc", "mas",
                                     "si", "lwf", "replay", "generative_replay", "packnet", "pnn", "pnn_adapter",
-                                    "den"])
+                                    "den", "ranpac", "fecam"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))
@@ -123,8 +138,8 @@ def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no packaged recipe"):
         find_recipe("cifar100/_base")  # only extended, never run
     names = packaged_recipes()
-    # 23 per paper benchmark, 21 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
-    assert len(names) == 4 * 23 + 21 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
+    # 25 per paper benchmark, 23 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
+    assert len(names) == 4 * 25 + 23 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
     assert "demo/slca" in names and "digits/slca" in names and not any("_base" in n for n in names)
 
 

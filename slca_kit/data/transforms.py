@@ -21,6 +21,13 @@ def build_transforms(cfg: DataConfig) -> tuple[T.Compose, T.Compose]:
     # Resize(256, interpolation=3) = bicubic on every benchmark, also for the features of the class statistics
     # (GengDavid/SLCA utils/data.py:63 CIFAR, :131 ImageNet-R, :159 CUB, :185 Cars).
     test = T.Compose([T.Resize(_scaled(size, 256), interpolation=BICUBIC), T.CenterCrop(size), *finish])
+    if cfg.transform in ("pilot", "pilot_cifar"):
+        # APER / RanPAC (LAMDA-PILOT's build_transform, RanPAC/RanPAC utils/data.py:20-46): a wide random crop and
+        # a flip for training; CIFAR's test images are resized straight to the input size, the others to 256 / 224.
+        train = [T.RandomResizedCrop(size, scale=(0.05, 1.0), ratio=(3 / 4, 4 / 3)), T.RandomHorizontalFlip()]
+        if cfg.transform == "pilot_cifar":
+            test = T.Compose([T.Resize(size, interpolation=BICUBIC), T.CenterCrop(size), *finish])
+        return T.Compose([*train, *finish]), test
     if cfg.transform == "cifar":
         train = [T.RandomResizedCrop(size, interpolation=BICUBIC), T.RandomHorizontalFlip(),
                  T.ColorJitter(brightness=63 / 255)]

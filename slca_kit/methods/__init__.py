@@ -9,6 +9,7 @@ from .base import Method, TaskContext
 from .coda_prompt import CodaPrompt
 from .den import DEN
 from .dualprompt import DualPrompt
+from .fecam import FeCAM
 from .generative_replay import GenerativeFeatureReplay
 from .inflora import InfLoRA
 from .l2p import L2P
@@ -17,6 +18,7 @@ from .linear_probe import LinearProbe
 from .lwf import LwF
 from .packnet import PackNet
 from .progressive import ProgressiveNetworks
+from .ranpac import RanPAC
 from .regularization import EWC, MAS, SI
 from .replay import Replay
 from .seq_ft import SeqFT, SeqFTSlowLearner
@@ -25,7 +27,7 @@ from .slca_pp import SLCAPlusPlus
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA, L2P, DualPrompt, CodaPrompt,
-    EWC, MAS, SI, LwF, Replay, GenerativeFeatureReplay, PackNet, ProgressiveNetworks, DEN)}
+    EWC, MAS, SI, LwF, Replay, GenerativeFeatureReplay, PackNet, ProgressiveNetworks, DEN, RanPAC, FeCAM)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -28,3 +28,21 @@ class IncrementalHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.cat([head(features) for head in self.heads], dim=1)
+
+
+class CosineHead(nn.Module):
+    """``sigma * cos(features, w_c)`` with a learnable scale ``sigma`` (init 1) and weights drawn from
+    U(-1/sqrt(d), 1/sqrt(d)): PyCIL's ``CosineLinear`` as RanPAC trains it in its first session
+    (RanPAC/RanPAC inc_net.py:9-48)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        bound = 1.0 / in_features ** 0.5
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-bound, bound))
+        self.sigma = nn.Parameter(torch.ones(1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        cosine = nn.functional.linear(nn.functional.normalize(features, dim=1),
+                                      nn.functional.normalize(self.weight, dim=1))
+        return self.sigma * cosine
