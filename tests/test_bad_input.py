@@ -61,7 +61,7 @@ RECIPE_CASES = [
     ("bad-precision", lambda r, t: _set(r, "train.mixed_precision", "fp8"), ConfigError,
      "train.mixed_precision: 'fp8' is not one of no, fp16, bf16"),
     ("bad-transform", lambda r, t: _set(r, "data.transform", "autoaugment"), ConfigError,
-     "data.transform: 'autoaugment' is not one of cifar, imagenet_r, cub_cars, none"),
+     "data.transform: 'autoaugment' is not one of cifar, imagenet_r, cub_cars, pilot, pilot_cifar, none"),
     ("bad-source", lambda r, t: _set(r, "data.source", "s3"), ConfigError, "data.source: 's3' is not one of"),
     ("missing-npz", lambda r, t: _set(r, "data.path", str(t / "nope.npz")), ConfigError, "nope.npz does not exist"),
     ("missing-image-folder", lambda r, t: _set(_set(r, "data.source", "imagefolder"), "data.path", str(t / "imgs")),
