@@ -145,3 +145,19 @@ def test_fecam_class_statistics_are_the_same_with_two_processes(odd_npz, tmp_pat
     assert torch.allclose(one["method"]["means"], two["method"]["means"], atol=1e-6)
     assert torch.allclose(one["method"]["precisions"], two["method"]["precisions"], rtol=1e-4, atol=1e-3)
     assert one["matrix"] == two["matrix"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
+def test_aper_prototypes_and_cofima_statistics_are_the_same_with_two_processes(odd_npz, tmp_path):
+    """APER's prototype sums and CoFiMA's class moments (after its Fisher averaging, whose batches are split over
+    the processes) reduce to one process's values."""
+    for method, params in (("aper", {"adapter_bottleneck": 4}), ("cofima", {"ca_epochs": 1, "samples_per_class": 8})):
+        work = tmp_path / method
+        work.mkdir()
+        recipe = tiny_recipe(odd_npz, work / "runs", method=method, scenario={"increment": 3, "class_order_seed": 1993})
+        recipe["method"]["params"] = params
+        path = write_recipe(work / f"{method}.yaml", recipe)
+        one, two = _one_and_two_processes(path, work)
+        key = "prototypes" if method == "aper" else "means"
+        assert torch.allclose(one["method"][key].double(), two["method"][key].double(), atol=1e-6), method
+        assert one["matrix"] == two["matrix"], method

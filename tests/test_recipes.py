@@ -43,7 +43,7 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
         expected = ("google/vit-base-patch16-224-in21k" if recipe.stem == "slca_hf_vit"
                     else "vit_base_patch16_224.augreg_in21k_ft_in1k" if in1k else "vit_base_patch16_224.augreg_in21k")
         assert cfg.backbone.name == expected and cfg.backbone.pretrained
-        if cfg.method.name not in ("l2p", "dualprompt", "ranpac"):  # their own epochs
+        if cfg.method.name not in ("l2p", "dualprompt", "ranpac", "aper"):  # their own epochs
             assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
     if cfg.method.name == "ranpac":  # RanPAC/RanPAC args/*_publish.csv row 7
         assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay) == (20, 48, 0.01, 5e-4)
@@ -52,6 +52,14 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
         assert cfg.data.transform == ("pilot_cifar" if recipe.parent.name == "cifar100" else "pilot")
         if recipe.parent.name == "cars196":
             assert cfg.scenario.init_classes == 16 and cfg.data.split == "official"
+    if cfg.method.name == "cofima":  # IemProg/CoFiMA exps/cofima/cofima_*.json
+        assert cfg.method.params.wt_alpha == (0.4 if recipe.parent.name in ("cifar100", "imagenet_r") else 0.5)
+        assert cfg.method.params.fisher_max == 1e-4 and cfg.method.params.fisher_batch_size == 128
+    if cfg.method.name == "aper":  # zhoudw-zdw/RevisitingCIL exps/aper_adapter/*.json
+        expected = {"cifar100": (5, 0.01, 48), "imagenet_r": (5, 0.05, 24), "cub200": (10, 0.01, 48),
+                    "cars196": (20, 0.01, 48)}[recipe.parent.name]
+        assert (cfg.scenario.increment, cfg.train.lr, cfg.train.batch_size) == expected
+        assert cfg.method.params.adapter_bottleneck == 64 and cfg.train.epochs == 20 and cfg.data.mean == [0.0] * 3
     if cfg.method.name == "fecam":  # dipamgoswami/FeCAM FeCAM_vit_*.py
         cifar = recipe.parent.name == "cifar100"
         assert (cfg.method.params.shrink_diagonal, cfg.method.params.shrink_off_diagonal) == ((1.0, 0.0) if cifar
@@ -86,7 +94,7 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "inflora", "l2p",
                                     "dualprompt", "coda_prompt", "joint", "linear_probe", "ewc", "online_ewc", "mas",
                                     "si", "lwf", "replay", "generative_replay", "packnet", "pnn", "pnn_adapter",
-                                    "den", "ranpac", "fecam"])
+                                    "den", "ranpac", "fecam", "cofima", "aper"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))
@@ -138,8 +146,8 @@ def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no packaged recipe"):
         find_recipe("cifar100/_base")  # only extended, never run
     names = packaged_recipes()
-    # 25 per paper benchmark, 23 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
-    assert len(names) == 4 * 25 + 23 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
+    # 27 per paper benchmark, 25 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
+    assert len(names) == 4 * 27 + 25 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
     assert "demo/slca" in names and "digits/slca" in names and not any("_base" in n for n in names)
 
 

@@ -5,8 +5,10 @@ import dataclasses
 
 from ..config import build_dataclass
 from ..errors import ConfigError
+from .aper import APER
 from .base import Method, TaskContext
 from .coda_prompt import CodaPrompt
+from .cofima import CoFiMA
 from .den import DEN
 from .dualprompt import DualPrompt
 from .fecam import FeCAM
@@ -27,7 +29,7 @@ from .slca_pp import SLCAPlusPlus
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA, L2P, DualPrompt, CodaPrompt,
-    EWC, MAS, SI, LwF, Replay, GenerativeFeatureReplay, PackNet, ProgressiveNetworks, DEN, RanPAC, FeCAM)}
+    EWC, MAS, SI, LwF, Replay, GenerativeFeatureReplay, PackNet, ProgressiveNetworks, DEN, RanPAC, FeCAM, CoFiMA, APER)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -1,9 +1,9 @@
 """RanPAC: Random Projections and Pre-trained models for Continual learning (McDonnell et al., NeurIPS 2023), as
 RanPAC/RanPAC RanPAC.py does it.
 
-First session (``first_session: adapter``): AdaptFormer adapters on every block (models/parallel_adapter.py) and a
-cosine head train on the first task only (RanPAC.py:225-236), then everything is frozen; ``none`` trains nothing
-(the "ncm" rows of args/*_publish.csv). After every task the training images' features under the TEST transform
+First session (``first_session: adapter``, ``FirstSessionAdaptation``): AdaptFormer adapters on every block
+(models/parallel_adapter.py) and a cosine head train on the first task only (RanPAC.py:225-236), then everything is
+frozen; ``none`` trains nothing (the "ncm" rows of args/*_publish.csv). After every task the training images' features under the TEST transform
 (RanPAC.py:167, ``mode="test"``) go through a frozen Gaussian random projection with ReLU to M dimensions
 (RanPAC.py:119, 254). The Gram matrix G = sum H^T H and the class sums Q = sum H^T Y accumulate over tasks
 (RanPAC.py:122-123); the classifier is the ridge solution W = (G + lambda I)^-1 Q (RanPAC.py:125), with lambda
@@ -20,11 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..models.heads import CosineHead
-from ..models.parallel_adapter import ParallelAdapters
-from .base import Method, TaskContext
-
-FIRST_SESSIONS = ("adapter", "none")
+from .base import TaskContext
+from .first_session import FirstSessionAdaptation, check_first_session
 
 
 def ridge_readout(gram: torch.Tensor, class_sums: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -47,7 +44,7 @@ def choose_ridge(hidden: torch.Tensor, targets: torch.Tensor, ridges: list[float
     return ridges[min(range(len(ridges)), key=losses.__getitem__)]  # the first of equal losses, as np.argmin
 
 
-class RanPAC(Method):
+class RanPAC(FirstSessionAdaptation):
     name = "ranpac"
 
     @dataclass
@@ -64,20 +61,12 @@ class RanPAC(Method):
         ridge_train_fraction: float = 0.8  # RanPAC.py:140
 
         def __post_init__(self):
-            if self.first_session not in FIRST_SESSIONS:
-                raise ConfigError(f"method.params.first_session: {self.first_session!r}; valid: "
-                                  f"{', '.join(FIRST_SESSIONS)}")
+            check_first_session(self)
             if not self.ridges or not all(isinstance(r, (int, float)) and 0 < r < float("inf") for r in self.ridges):
                 raise ConfigError(f"method.params.ridges: a non-empty list of positive numbers, got {self.ridges}")
             if not 0 < self.ridge_train_fraction < 1:
                 raise ConfigError("method.params.ridge_train_fraction: must be between 0 and 1 (exclusive), got "
                                   f"{self.ridge_train_fraction}")
-            if self.first_session == "adapter" and min(self.adapter_bottleneck, self.adapter_scale) <= 0:
-                raise ConfigError("method.params.adapter_bottleneck and adapter_scale: must be > 0")
-
-    @classmethod
-    def backbone_sources(cls, params) -> tuple[str, ...]:
-        return ("timm",) if params.first_session == "adapter" else ("timm", "transformers")
 
     def __init__(self, params, config):
         super().__init__(params, config)
@@ -89,28 +78,6 @@ class RanPAC(Method):
 
     def training_images_needed(self) -> tuple[int, str]:
         return 1, f"{self.name}'s class sums"
-
-    @property
-    def adapts_first_session(self) -> bool:
-        return self.params.first_session == "adapter"
-
-    def grow(self, model, ctx: TaskContext) -> None:
-        if ctx.task == 0 and self.adapts_first_session:
-            dim = model.backbone.num_features
-            device = next(model.backbone.parameters()).device
-            model.first_session_adapters = ParallelAdapters(model.backbone.blocks, dim, self.params.adapter_bottleneck,
-                                                            self.params.adapter_scale).to(device)
-            # the first session's classifier is PyCIL's cosine head (inc_net.py:197-206), trained with the adapters
-            model.head.heads[0] = CosineHead(dim, ctx.scenario.task_sizes[0]).to(device)
-
-    def before_task(self, model, ctx: TaskContext) -> None:
-        super().before_task(model, ctx)  # the current head stays trainable (DDP needs one); only task 0 trains it
-        model.backbone.requires_grad_(False)  # frozen throughout; after the first session also the adapters
-        if self.adapts_first_session:  # (RanPAC.py:236, freeze_backbone)
-            model.first_session_adapters.requires_grad_(ctx.task == 0)
-
-    def train_epochs(self, ctx: TaskContext) -> int:
-        return self.config.train.epochs if ctx.task == 0 and self.adapts_first_session else 0
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """relu(f W_rand) with W_rand ~ N(0, 1), [d, M] (RanPAC.py:254), drawn from ``train.seed``; or f itself."""

@@ -7,6 +7,7 @@ attention (before ``norm2``), as RanPAC's and APER's first-session adapter compu
 adapter's output to the MLP's, which the block then adds to the residual stream."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -39,6 +40,7 @@ class ParallelAdapters(nn.Module):
         super().__init__()
         self.adapters = nn.ModuleList(ParallelAdapter(dim, bottleneck, scale) for _ in blocks)
         self._stream: dict[int, torch.Tensor] = {}
+        self.enabled = True  # False: the blocks compute as the pretrained ViT (APER's frozen branch)
         self._hooks = []
         for index, block in enumerate(blocks):
             self._hooks.append(block.norm2.register_forward_pre_hook(self._keep_stream(index)))
@@ -52,9 +54,19 @@ class ParallelAdapters(nn.Module):
 
     def _add_adapter(self, index: int):
         def add(module, inputs, output):
-            return output + self.adapters[index](self._stream.pop(index))
+            stream = self._stream.pop(index)
+            return output + self.adapters[index](stream) if self.enabled else output
 
         return add
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The pretrained ViT's computation inside the block, the adapters' after it."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
     def remove(self) -> None:
         """Detach from the ViT (the blocks compute as before)."""

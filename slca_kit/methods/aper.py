@@ -1,0 +1,76 @@
+"""APER / ADAM: Adapt and Merge (Zhou et al., IJCV 2024), the adapter variant, as zhoudw-zdw/RevisitingCIL
+models/aper_adapter.py does it.
+
+On the first task, AdaptFormer adapters on the frozen ViT and a cosine head train (``FirstSessionAdaptation``,
+aper_adapter.py:96-113); the adapted model is then frozen. Every image's feature is the concatenation of the
+pretrained ViT's and the adapted ViT's (utils/inc_net.py:620-621, 639-647: the same ViT with its adapters switched
+off, then on). Each class's prototype is the mean of its training images' concatenated features under the test
+transform (aper_adapter.py:39-64, 82-83, 116), and a test image goes to the most cosine-similar prototype (the
+``CosineLinear`` head, utils/inc_net.py:607). Prototype sums and counts are reduced over processes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import TaskContext
+from .first_session import FirstSessionAdaptation, check_first_session
+
+
+class APER(FirstSessionAdaptation):
+    name = "aper"
+
+    @dataclass
+    class Params:
+        # adapter: exps/aper_adapter/*.json; none: no adaptation, prototypes of the pretrained ViT (SimpleCIL)
+        first_session: str = "adapter"
+        adapter_bottleneck: int = 64  # ffn_num (exps/aper_adapter/*.json)
+        adapter_scale: float = 0.1  # ffn_adapter_scalar "0.1" (utils/inc_net.py:105)
+        prototype_batch_size: int = 128  # images per forward pass for the prototypes (no effect on results)
+
+        def __post_init__(self):
+            check_first_session(self)
+
+    def __init__(self, params, config):
+        super().__init__(params, config)
+        self.prototypes: torch.Tensor | None = None  # [seen, 2d] (or [seen, d] without adaptation), float32
+
+    def features(self, model, images: torch.Tensor) -> torch.Tensor:
+        """[pretrained ViT's feature, adapted ViT's feature] (utils/inc_net.py:620-621, 647)."""
+        if not self.adapts_first_session:
+            return model.features(images).float()
+        with model.first_session_adapters.disabled():
+            pretrained = model.features(images).float()
+        return torch.cat([pretrained, model.features(images).float()], dim=1)
+
+    @torch.no_grad()
+    def after_training(self, model, ctx: TaskContext) -> None:
+        classes = ctx.scenario.task_classes(ctx.task)
+        with ctx.timer("statistics"):
+            was_training = model.training
+            model.eval()
+            sums, counts = None, torch.zeros(len(classes), dtype=torch.float64, device=ctx.device)
+            for images, labels in ctx.iterate_images(classes, "train", self.params.prototype_batch_size):
+                onehot = F.one_hot(labels - ctx.known_classes, len(classes)).to(torch.float64)
+                batch = onehot.T @ self.features(model, images).to(torch.float64)
+                sums = batch if sums is None else sums + batch
+                counts += onehot.sum(0)
+            model.train(was_training)
+            if sums is None:  # this process's shard held no training image of the task
+                width = model.backbone.num_features * (2 if self.adapts_first_session else 1)
+                sums = torch.zeros(len(classes), width, dtype=torch.float64, device=ctx.device)
+            means = (ctx.reduce_sum(sums) / ctx.reduce_sum(counts)[:, None]).float().cpu()
+        self.prototypes = means if self.prototypes is None else torch.cat([self.prototypes, means])
+
+    def predict(self, model, images: torch.Tensor, ctx: TaskContext) -> torch.Tensor:
+        """Cosine similarity to each prototype (``CosineLinear`` with its untrained scale 1)."""
+        features = F.normalize(self.features(model, images), dim=1)
+        return features @ F.normalize(self.prototypes.to(features.device), dim=1).T
+
+    def state_dict(self) -> dict:
+        return {"prototypes": self.prototypes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prototypes = state.get("prototypes")
