@@ -275,7 +275,7 @@ TRANSFORMERS_METHODS = sorted(name for name, cls in METHODS.items()
 def test_the_methods_that_need_only_features_are_the_documented_ones():
     assert TRANSFORMERS_METHODS == sorted(
         ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "joint", "linear_probe", "ewc", "mas", "si", "lwf",
-         "replay", "generative_replay", "packnet", "pnn", "den"])
+         "replay", "generative_replay", "packnet", "pnn", "den", "fecam", "cofima"])
 
 
 @pytest.mark.parametrize("method", TRANSFORMERS_METHODS)
@@ -286,7 +286,7 @@ def test_every_feature_method_runs_on_a_transformers_vit(tiny_npz, tmp_path, che
                                "target_modules": ["q_proj", "k_proj", "v_proj"],
                                "train_backbone": ["norm", "bias", "cls_token"]}
     recipe = _two_task_recipe(tiny_npz, tmp_path, checkpoints["vit"], method=method, **sections)
-    recipe["method"]["params"] = {"retrain_epochs": 1} if method == "packnet" else {}
+    recipe["method"]["params"] = {"packnet": {"retrain_epochs": 1}, "cofima": {"fisher_batch_size": 16}}.get(method, {})
     results = Trainer(_config(recipe)).run()
     assert results["complete"] and results["totals"] == [18, 18]
     assert 0 <= results["last_acc"] <= 100
@@ -304,3 +304,11 @@ def test_a_local_checkpoint_is_fingerprinted_by_its_weight_files(tmp_path):
         "revision": None, "files_sha256": hashlib.sha256(line.encode()).hexdigest()}
     assert checkpoint_fingerprint("google/vit-base-patch16-224-in21k", "abc123") == {
         "revision": "abc123", "files_sha256": None}
+
+
+@pytest.mark.parametrize("method", ["ranpac", "aper"])
+def test_first_session_methods_run_on_a_transformers_vit_without_adaptation(tiny_npz, tmp_path, checkpoints, method):
+    recipe = _two_task_recipe(tiny_npz, tmp_path, checkpoints["vit"], method=method)
+    recipe["method"]["params"] = {"first_session": "none", **({"projection_dim": 32} if method == "ranpac" else {})}
+    results = Trainer(_config(recipe)).run()
+    assert results["complete"] and results["totals"] == [18, 18]
