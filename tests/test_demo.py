@@ -102,7 +102,8 @@ def tiny_cache(tmp_path, monkeypatch):
 
 def test_default_job_runs_three_methods_side_by_side_then_reuses_them(tiny_cache, tmp_path):
     runs = tmp_path / "runs"
-    status, out, err = run_cli(["train", "train.epochs=1", f"output_dir={runs}"])
+    quick = ["train.epochs=1", "data.max_train_per_class=12"]  # a short run: the point is the side-by-side output
+    status, out, err = run_cli(["train", *quick, f"output_dir={runs}"])
     assert status == 0, err
     results = {m: json.loads((runs / m / "results.json").read_text()) for m in ("slca", "seq_ft_sl", "seq_ft")}
     assert all(r["complete"] and len(r["accuracy_matrix"]) == 5 for r in results.values())
@@ -114,9 +115,9 @@ def test_default_job_runs_three_methods_side_by_side_then_reuses_them(tiny_cache
     assert f"{tiny_cache['held_out_font_accuracy']:.1f}% on fonts it never saw" in out
     for name in ("comparison_curve.png", "comparison.md", "comparison.html"):
         assert (runs / name).is_file()
-    status, again, _ = run_cli(["train", "train.epochs=1", f"output_dir={runs}"])
+    status, again, _ = run_cli(["train", *quick, f"output_dir={runs}"])
     assert status == 0 and again.count(", reused") == 3 and again.split("Backbone:")[1] == out.split("Backbone:")[1]
-    status, _, err = run_cli(["train", "train.epochs=2", f"output_dir={runs}"])
+    status, _, err = run_cli(["train", "train.epochs=2", quick[1], f"output_dir={runs}"])
     assert status == 2 and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
     assert f"{runs / 'slca'} holds a demo run with other settings (train.epochs)" in err
 
