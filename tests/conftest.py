@@ -97,3 +97,17 @@ def interrupt_before_epoch(trainer, task: int, epoch: int) -> None:
         original(prepared, ctx, current, *rest)
 
     trainer._train_epoch = train_epoch
+
+
+def run_interrupted_and_resumed(make_trainer, tmp_path: Path, after_task: int):
+    """``make_trainer(folder)`` run once uninterrupted under ``tmp_path/ref``, and once under ``tmp_path/cut``
+    interrupted right after task ``after_task`` then resumed with a new trainer. Returns
+    (reference trainer, its results, resumed trainer, its results)."""
+    reference = make_trainer(tmp_path / "ref")
+    expected = reference.run()
+    cut = make_trainer(tmp_path / "cut")
+    interrupt_after(cut, after_task)
+    with pytest.raises(Interrupted):
+        cut.run()
+    resumed = make_trainer(tmp_path / "cut")
+    return reference, expected, resumed, resumed.run(resume=True)

@@ -3,7 +3,6 @@ of [pretrained, adapted] features computed independently (a second ViT without h
 prototype by cosine, and resume."""
 from __future__ import annotations
 
-import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -12,7 +11,7 @@ from slca_kit.models.parallel_adapter import ParallelAdapters
 from slca_kit.resolve import config_from_dict
 from slca_kit.trainer import Trainer
 
-from conftest import TINY_VIT, Interrupted, interrupt_after, tiny_recipe
+from conftest import TINY_VIT, run_interrupted_and_resumed, tiny_recipe
 
 
 def test_disabled_adapters_give_the_pretrained_vit():
@@ -73,13 +72,7 @@ def test_without_a_first_session_it_is_simplecil(tiny_npz, tmp_path):
 
 
 def test_resume_after_a_task_matches_uninterrupted(tiny_npz, tmp_path):
-    reference = _trainer(tiny_npz, tmp_path / "ref")
-    expected = reference.run()
-    cut = _trainer(tiny_npz, tmp_path / "cut")
-    interrupt_after(cut, 0)
-    with pytest.raises(Interrupted):
-        cut.run()
-    resumed = _trainer(tiny_npz, tmp_path / "cut")
-    results = resumed.run(resume=True)
+    reference, expected, resumed, results = run_interrupted_and_resumed(
+        lambda folder: _trainer(tiny_npz, folder), tmp_path, after_task=0)
     assert results["correct"] == expected["correct"]
     assert torch.equal(resumed.method.prototypes, reference.method.prototypes)

@@ -12,7 +12,7 @@ from slca_kit.methods.fecam import correlation_matrices, mahalanobis_distances, 
 from slca_kit.resolve import config_from_dict
 from slca_kit.trainer import Trainer
 
-from conftest import Interrupted, interrupt_after, tiny_recipe
+from conftest import run_interrupted_and_resumed, tiny_recipe
 
 
 def official_shrink_cov(cov, alpha1, alpha2):
@@ -81,13 +81,7 @@ def test_pipeline_matches_the_official_loop_on_the_same_features(tiny_npz, tmp_p
 
 
 def test_resume_after_a_task_matches_uninterrupted(tiny_npz, tmp_path):
-    reference = _trainer(tiny_npz, tmp_path / "ref")
-    expected = reference.run()
-    cut = _trainer(tiny_npz, tmp_path / "cut")
-    interrupt_after(cut, 1)
-    with pytest.raises(Interrupted):
-        cut.run()
-    resumed = _trainer(tiny_npz, tmp_path / "cut")
-    results = resumed.run(resume=True)
+    reference, expected, resumed, results = run_interrupted_and_resumed(
+        lambda folder: _trainer(tiny_npz, folder), tmp_path, after_task=1)
     assert results["correct"] == expected["correct"]
     assert torch.equal(resumed.method.precisions, reference.method.precisions)

@@ -16,7 +16,7 @@ from slca_kit.models.parallel_adapter import ParallelAdapters
 from slca_kit.resolve import config_from_dict
 from slca_kit.trainer import Trainer
 
-from conftest import Interrupted, interrupt_after, tiny_recipe
+from conftest import run_interrupted_and_resumed, tiny_recipe
 
 RIDGES = [10.0 ** k for k in range(-8, 9)]
 
@@ -142,14 +142,8 @@ def test_without_first_session_nothing_trains_and_no_projection_is_plain_ridge(t
 
 
 def test_resume_after_a_task_matches_uninterrupted(tiny_npz, tmp_path):
-    reference = _trainer(tiny_npz, tmp_path / "ref")
-    expected = reference.run()
-    cut = _trainer(tiny_npz, tmp_path / "cut")
-    interrupt_after(cut, 0)
-    with pytest.raises(Interrupted):
-        cut.run()
-    resumed = _trainer(tiny_npz, tmp_path / "cut")
-    results = resumed.run(resume=True)
+    reference, expected, resumed, results = run_interrupted_and_resumed(
+        lambda folder: _trainer(tiny_npz, folder), tmp_path, after_task=0)
     assert results["correct"] == expected["correct"]
     assert torch.equal(resumed.method.gram, reference.method.gram)
     assert torch.equal(resumed.method.readout, reference.method.readout)

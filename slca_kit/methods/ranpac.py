@@ -76,9 +76,6 @@ class RanPAC(FirstSessionAdaptation):
         self.chosen_ridges: list[float] = []
         self._projection: dict[torch.device, torch.Tensor] = {}
 
-    def training_images_needed(self) -> tuple[int, str]:
-        return 1, f"{self.name}'s class sums"
-
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """relu(f W_rand) with W_rand ~ N(0, 1), [d, M] (RanPAC.py:254), drawn from ``train.seed``; or f itself."""
         if self.params.projection_dim == 0:
