@@ -20,7 +20,7 @@ def test_disabled_adapters_give_the_pretrained_vit():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain = vit(x)
-        adapters = ParallelAdapters(vit.blocks, TINY_VIT["embed_dim"], bottleneck=4, scale=0.1)
+        adapters = ParallelAdapters(vit.blocks, TINY_VIT["embed_dim"], bottleneck=4, scale=0.1, dropout=0.1).eval()
         for adapter in adapters.adapters:
             adapter.up.weight.normal_()
         adapted = vit(x)
@@ -42,7 +42,7 @@ def test_prototypes_are_class_means_of_pretrained_and_adapted_features(tiny_npz,
     results = trainer.run()
     model, method = trainer.model, trainer.method
     assert all(torch.equal(v, initial[k]) for k, v in model.backbone.state_dict().items())  # the ViT never moves
-    assert any(a.up.weight.abs().sum() > 0 for a in model.first_session_adapters.adapters)  # first session trained
+    assert any(a.up.weight.abs().sum() > 0 for a in model.first_session_tuner.adapters)  # first session trained
     pretrained = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT).eval()
     pretrained.load_state_dict(initial)  # an independent copy without hooks
     classes = list(range(6))
@@ -72,7 +72,9 @@ def test_without_a_first_session_it_is_simplecil(tiny_npz, tmp_path):
 
 
 def test_resume_after_a_task_matches_uninterrupted(tiny_npz, tmp_path):
+    # with deep prompts, the first-session module RanPAC's resume test does not cover
     reference, expected, resumed, results = run_interrupted_and_resumed(
-        lambda folder: _trainer(tiny_npz, folder), tmp_path, after_task=0)
+        lambda folder: _trainer(tiny_npz, folder, first_session="vpt_deep"), tmp_path, after_task=0)
     assert results["correct"] == expected["correct"]
     assert torch.equal(resumed.method.prototypes, reference.method.prototypes)
+    assert torch.equal(resumed.model.first_session_tuner.prompts, reference.model.first_session_tuner.prompts)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from slca_kit import checkpoint as ckpt
+from slca_kit.resolve import load_config
+from slca_kit.trainer import Trainer
 
 from conftest import make_color_images, tiny_recipe, write_recipe
 
@@ -24,15 +26,16 @@ def odd_npz(tmp_path_factory):
 
 
 def _train(recipe_path, processes, *overrides, cwd):
+    """One process runs in this one (the same Trainer the CLI builds, without a second interpreter's start-up);
+    more run under torchrun."""
     if processes == 1:
-        command = [sys.executable, "-m", "slca_kit", "train"]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--standalone", "-m", "slca_kit", "train"]
+        Trainer(load_config(recipe_path, list(overrides))).run()
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--standalone", "-m", "slca_kit", "train"]
     done = subprocess.run(command + [str(recipe_path), *overrides], cwd=cwd, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def _final_state(run_dir):

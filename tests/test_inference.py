@@ -22,7 +22,8 @@ from conftest import tiny_recipe, write_recipe
 NEEDS = {"slca_pp": {"adapter": {"type": "lora", "r": 4, "lora_alpha": 3.2, "train_backbone": ["norm", "bias"]}}}
 PARAMS = {"dualprompt": {"g_layers": [0], "e_layers": [1], "e_pool_size": 3},
           "coda_prompt": {"pool_size": 6, "length": 4, "layers": [0, 1]}, "packnet": {"retrain_epochs": 1},
-          "ranpac": {"projection_dim": 64, "adapter_bottleneck": 8}}  # M 10000: 17 solves of 10000 x 10000 a task
+          # M 10000: 17 solves of 10000 x 10000 a task; the first-session modules not covered by resume tests
+          "ranpac": {"projection_dim": 64, "first_session": "vpt_deep"}, "aper": {"first_session": "ssf"}}
 
 
 def _train(npz, tmp_path, method, **sections):

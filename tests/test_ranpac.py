@@ -61,24 +61,39 @@ def test_parallel_adapter_hooks_compute_the_official_block():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain = vit(x)
-    adapters = ParallelAdapters(vit.blocks, 32, bottleneck=4, scale=0.1)
+    adapters = ParallelAdapters(vit.blocks, 32, bottleneck=4, scale=0.1, dropout=0.1).eval()  # a model's submodule
     with torch.no_grad():
         assert torch.equal(vit(x), plain)  # "lora" init: up = 0, the ViT computes as before
         for adapter in adapters.adapters:
             adapter.up.weight.normal_()
             adapter.up.bias.normal_()
         adapted = vit(x)
+        vit.train(), adapters.train()
+        torch.manual_seed(1)
+        adapted_training = vit(x)  # the adapters' dropout is the only random step
+        vit.eval(), adapters.eval()
+        with adapters.disabled():
+            assert torch.equal(vit(x), plain)
+
+        # the official Block.forward (RanPAC petl/vision_transformer_adapter.py:165-180) with its Adapter.forward
+        # (:70-90, dropout 0.1 on the ReLU's output while training, :159), written out
+        def official(training):
+            tokens = vit._pos_embed(vit.patch_embed(x))
+            for block, adapter in zip(vit.blocks, adapters.adapters):
+                tokens = tokens + block.attn(block.norm1(tokens))
+                down = F.dropout(torch.relu(adapter.down(tokens)), p=0.1, training=training)
+                tokens = tokens + (block.mlp(block.norm2(tokens)) + adapter.up(down) * 0.1)
+            return vit.norm(tokens)[:, 0]
+
+        with adapters.disabled():
+            expected = official(training=False)
+            torch.manual_seed(1)
+            expected_training = official(training=True)
+        assert torch.allclose(adapted, expected, atol=1e-5) and not torch.allclose(adapted, plain, atol=1e-3)
+        assert torch.allclose(adapted_training, expected_training, atol=1e-5)
+        assert not torch.allclose(adapted_training, adapted, atol=1e-3)
         adapters.remove()
         assert torch.equal(vit(x), plain)
-        # the official Block.forward (RanPAC petl/vision_transformer_adapter.py:165-180), written out
-        tokens = vit.patch_embed(x)
-        tokens = vit._pos_embed(tokens)
-        for block, adapter in zip(vit.blocks, adapters.adapters):
-            tokens = tokens + block.attn(block.norm1(tokens))
-            adapt = adapter.up(torch.relu(adapter.down(tokens))) * 0.1
-            tokens = tokens + (block.mlp(block.norm2(tokens)) + adapt)
-        expected = vit.norm(tokens)[:, 0]
-        assert torch.allclose(adapted, expected, atol=1e-5) and not torch.allclose(adapted, plain, atol=1e-3)
 
 
 def test_cosine_head_is_sigma_times_cosine():
@@ -105,7 +120,7 @@ def test_first_session_trains_adapters_then_everything_stays_frozen(tiny_npz, tm
 
     def end_task(model, ctx):
         original(model, ctx)
-        adapters_after.append({k: v.clone() for k, v in model.first_session_adapters.state_dict().items()})
+        adapters_after.append({k: v.clone() for k, v in model.first_session_tuner.state_dict().items()})
 
     trainer.method.end_task = end_task
     results = trainer.run()
@@ -135,7 +150,7 @@ def test_first_session_trains_adapters_then_everything_stays_frozen(tiny_npz, tm
 def test_without_first_session_nothing_trains_and_no_projection_is_plain_ridge(tiny_npz, tmp_path):
     trainer = _trainer(tiny_npz, tmp_path, first_session="none", projection_dim=0)
     results = trainer.run()
-    assert not hasattr(trainer.model, "first_session_adapters")
+    assert not hasattr(trainer.model, "first_session_tuner")
     features, labels = trainer.extract_features(list(range(6)), "train")
     assert torch.allclose(trainer.method.gram, features.T @ features, rtol=1e-4, atol=1e-3)
     assert trainer.method.readout.shape == (6, features.shape[1]) and results["complete"]

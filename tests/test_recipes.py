@@ -21,7 +21,8 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     fake.write_bytes(b"")
     monkeypatch.setenv("MOCOV3_WEIGHTS", str(fake))
     cfg = load_config(recipe)
-    variants = {"online_ewc": "ewc", "pnn_adapter": "pnn", "slca_hf_vit": "slca"}
+    variants = {"online_ewc": "ewc", "pnn_adapter": "pnn", "slca_hf_vit": "slca", "aper_ssf": "aper",
+                "aper_vpt": "aper"}
     assert cfg.method.name == variants.get(recipe.stem, recipe.stem.replace("_mocov3", ""))
     if recipe.stem == "slca_hf_vit":  # the image processor, not the CIFAR preset, sets size and normalisation
         assert cfg.backbone.source == "transformers" and cfg.backbone.pretrained
@@ -47,7 +48,9 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
             assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
     if cfg.method.name == "ranpac":  # RanPAC/RanPAC args/*_publish.csv row 7
         assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay) == (20, 48, 0.01, 5e-4)
-        assert cfg.method.params.projection_dim == 10000 and cfg.method.params.first_session == "adapter"
+        first_sessions = {"imagenet_r": "ssf", "cars196": "vpt_deep"}  # model_name of the publish.csv rows
+        assert cfg.method.params.projection_dim == 10000
+        assert cfg.method.params.first_session == first_sessions.get(recipe.parent.name, "adapter")
         assert cfg.data.mean == [0.0] * 3 and cfg.data.std == [1.0] * 3 and not cfg.backbone.replace_final_norm
         assert cfg.data.transform == ("pilot_cifar" if recipe.parent.name == "cifar100" else "pilot")
         if recipe.parent.name == "cars196":
@@ -55,11 +58,15 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     if cfg.method.name == "cofima":  # IemProg/CoFiMA exps/cofima/cofima_*.json
         assert cfg.method.params.wt_alpha == (0.4 if recipe.parent.name in ("cifar100", "imagenet_r") else 0.5)
         assert cfg.method.params.fisher_max == 1e-4 and cfg.method.params.fisher_batch_size == 128
-    if cfg.method.name == "aper":  # zhoudw-zdw/RevisitingCIL exps/aper_adapter/*.json
-        expected = {"cifar100": (5, 0.01, 48), "imagenet_r": (5, 0.05, 24), "cub200": (10, 0.01, 48),
-                    "cars196": (20, 0.01, 48)}[recipe.parent.name]
-        assert (cfg.scenario.increment, cfg.train.lr, cfg.train.batch_size) == expected
-        assert cfg.method.params.adapter_bottleneck == 64 and cfg.train.epochs == 20 and cfg.data.mean == [0.0] * 3
+    if cfg.method.name == "aper":  # zhoudw-zdw/RevisitingCIL exps/aper_{adapter,ssf,vpt-deep}/*.json
+        increment = {"cifar100": 5, "imagenet_r": 5, "cub200": 10, "cars196": 20}[recipe.parent.name]
+        variant = {"aper": "adapter", "aper_ssf": "ssf", "aper_vpt": "vpt_deep"}[recipe.stem]
+        expected = {"adapter": (20, 0.05, 24) if recipe.parent.name == "imagenet_r" else (20, 0.01, 48),
+                    "ssf": (20, 0.01, 48), "vpt_deep": (5, 0.05, 16)}[variant]
+        assert cfg.method.params.first_session == variant and cfg.scenario.increment == increment
+        assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size) == expected
+        assert cfg.method.params.adapter_bottleneck == 64 and cfg.method.params.prompt_tokens == 5
+        assert cfg.data.mean == [0.0] * 3 and cfg.train.scheduler == "cosine" and cfg.train.eta_min == 0.0
     if cfg.method.name == "fecam":  # dipamgoswami/FeCAM FeCAM_vit_*.py
         cifar = recipe.parent.name == "cifar100"
         assert (cfg.method.params.shrink_diagonal, cfg.method.params.shrink_off_diagonal) == ((1.0, 0.0) if cifar
@@ -94,7 +101,7 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "inflora", "l2p",
                                     "dualprompt", "coda_prompt", "joint", "linear_probe", "ewc", "online_ewc", "mas",
                                     "si", "lwf", "replay", "generative_replay", "packnet", "pnn", "pnn_adapter",
-                                    "den", "ranpac", "fecam", "cofima", "aper"])
+                                    "den", "ranpac", "fecam", "cofima", "aper", "aper_ssf", "aper_vpt"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))
@@ -146,8 +153,8 @@ def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no packaged recipe"):
         find_recipe("cifar100/_base")  # only extended, never run
     names = packaged_recipes()
-    # 27 per paper benchmark, 25 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
-    assert len(names) == 4 * 27 + 25 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
+    # 29 per paper benchmark, 27 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
+    assert len(names) == 4 * 29 + 27 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
     assert "demo/slca" in names and "digits/slca" in names and not any("_base" in n for n in names)
 
 

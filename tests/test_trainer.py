@@ -22,7 +22,8 @@ def _trainer(tiny_npz, tmp_path, method="slca", params=None, **sections):
 # what some methods need on the tiny 2-block, 64-d ViT
 NEEDS = {"slca_pp": {"adapter": {"type": "lora", "r": 4, "lora_alpha": 3.2, "train_backbone": ["norm", "bias"]}}}
 TINY_PARAMS = {"dualprompt": {"g_layers": [0], "e_layers": [1], "e_pool_size": 3},
-               "coda_prompt": {"pool_size": 6, "length": 4, "layers": [0, 1]}}
+               "coda_prompt": {"pool_size": 6, "length": 4, "layers": [0, 1]},
+               "ranpac": {"projection_dim": 64}}  # M 10000: 17 solves of 10000 x 10000 a task (minutes on a CPU)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

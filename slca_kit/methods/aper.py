@@ -1,12 +1,13 @@
-"""APER / ADAM: Adapt and Merge (Zhou et al., IJCV 2024), the adapter variant, as zhoudw-zdw/RevisitingCIL
-models/aper_adapter.py does it.
+"""APER / ADAM: Adapt and Merge (Zhou et al., IJCV 2024), its adapter, SSF and VPT variants, as
+zhoudw-zdw/RevisitingCIL models/aper_adapter.py, aper_ssf.py and aper_vpt.py do it.
 
-On the first task, AdaptFormer adapters on the frozen ViT and a cosine head train (``FirstSessionAdaptation``,
-aper_adapter.py:96-113); the adapted model is then frozen. Every image's feature is the concatenation of the
-pretrained ViT's and the adapted ViT's (utils/inc_net.py:620-621, 639-647: the same ViT with its adapters switched
-off, then on). Each class's prototype is the mean of its training images' concatenated features under the test
-transform (aper_adapter.py:39-64, 82-83, 116), and a test image goes to the most cosine-similar prototype (the
-``CosineLinear`` head, utils/inc_net.py:607). Prototype sums and counts are reduced over processes.
+On the first task, the variant's module on the frozen ViT and a cosine head train (``FirstSessionAdaptation``,
+aper_adapter.py:96-113, aper_ssf.py:94-128, aper_vpt.py:98-121); the adapted model is then frozen. Every image's
+feature is the concatenation of the pretrained ViT's and the adapted ViT's (utils/inc_net.py:620-621, 627-647: the
+same ViT with its module switched off, then on). Each class's prototype is the mean of its training images'
+concatenated features under the test transform (aper_adapter.py:39-64, 82-83, 116), and a test image goes to the most
+cosine-similar prototype (the ``CosineLinear`` head, utils/inc_net.py:607). Prototype sums and counts are reduced over
+processes.
 """
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ class APER(FirstSessionAdaptation):
 
     @dataclass
     class Params:
-        # adapter: exps/aper_adapter/*.json; none: no adaptation, prototypes of the pretrained ViT (SimpleCIL)
+        # adapter, ssf, vpt_deep, vpt_shallow: exps/aper_adapter, aper_ssf, aper_vpt-deep, aper_vpt-shallow/*.json;
+        # none: no adaptation, prototypes of the pretrained ViT (SimpleCIL)
         first_session: str = "adapter"
         adapter_bottleneck: int = 64  # ffn_num (exps/aper_adapter/*.json)
         adapter_scale: float = 0.1  # ffn_adapter_scalar "0.1" (utils/inc_net.py:105)
+        adapter_dropout: float = 0.1  # after the ReLU, training only (convs/vision_transformer_adapter.py:77, 159)
+        prompt_tokens: int = 5  # prompt_token_num (exps/aper_vpt-deep/*.json; utils/inc_net.py:84)
         prototype_batch_size: int = 128  # images per forward pass for the prototypes (no effect on results)
 
         def __post_init__(self):
@@ -41,7 +45,7 @@ class APER(FirstSessionAdaptation):
         """[pretrained ViT's feature, adapted ViT's feature] (utils/inc_net.py:620-621, 647)."""
         if not self.adapts_first_session:
             return model.features(images).float()
-        with model.first_session_adapters.disabled():
+        with model.first_session_tuner.disabled():
             pretrained = model.features(images).float()
         return torch.cat([pretrained, model.features(images).float()], dim=1)
 

@@ -1,13 +1,14 @@
 """RanPAC: Random Projections and Pre-trained models for Continual learning (McDonnell et al., NeurIPS 2023), as
 RanPAC/RanPAC RanPAC.py does it.
 
-First session (``first_session: adapter``, ``FirstSessionAdaptation``): AdaptFormer adapters on every block
-(models/parallel_adapter.py) and a cosine head train on the first task only (RanPAC.py:225-236), then everything is
-frozen; ``none`` trains nothing (the "ncm" rows of args/*_publish.csv). After every task the training images' features under the TEST transform
-(RanPAC.py:167, ``mode="test"``) go through a frozen Gaussian random projection with ReLU to M dimensions
-(RanPAC.py:119, 254). The Gram matrix G = sum H^T H and the class sums Q = sum H^T Y accumulate over tasks
-(RanPAC.py:122-123); the classifier is the ridge solution W = (G + lambda I)^-1 Q (RanPAC.py:125), with lambda
-chosen on this task's data alone (RanPAC.py:124, 138-150). Logits are relu(f W_rand) W (inc_net.py:34-39).
+First session (``first_session``, ``FirstSessionAdaptation``): AdaptFormer adapters on every block, SSF or deep VPT
+(models/parallel_adapter.py, ssf.py, visual_prompts.py) and a cosine head train on the first task only
+(RanPAC.py:225-236), then everything is frozen; ``none`` trains nothing (the "ncm" rows of args/*_publish.csv). After
+every task the training images' features under the TEST transform (RanPAC.py:167, ``mode="test"``) go through a frozen
+Gaussian random projection with ReLU to M dimensions (RanPAC.py:119, 254). The Gram matrix G = sum H^T H and the class
+sums Q = sum H^T Y accumulate over tasks (RanPAC.py:122-123); the classifier is the ridge solution W = (G + lambda
+I)^-1 Q (RanPAC.py:125), with lambda chosen on this task's data alone (RanPAC.py:124, 138-150). Logits are relu(f
+W_rand) W (inc_net.py:34-39).
 
 G and Q are computed from every process's features gathered in split order, so any number of processes gives the
 same G, Q and W.
@@ -52,11 +53,14 @@ class RanPAC(FirstSessionAdaptation):
         # M (args/*_publish.csv column M: 10000); 0 projects nothing: ridge regression on the features themselves
         # (the "RP with M = 0" rows, RanPAC.py:120, 257).
         projection_dim: int = 10000
-        # adapter: AdaptFormer first session (args/cifar224_publish.csv, cub_publish.csv rows 5-7); none: frozen
-        # pretrained ViT throughout (rows 2-4).
+        # adapter: AdaptFormer first session (args/cifar224_publish.csv, cub_publish.csv rows 5-7); ssf
+        # (imagenetr_publish.csv rows 5-7); vpt_deep (cars_publish.csv rows 5-7); none: frozen pretrained ViT
+        # throughout (rows 2-4).
         first_session: str = "adapter"
         adapter_bottleneck: int = 64  # ffn_num (inc_net.py:115)
         adapter_scale: float = 0.1  # ffn_adapter_scalar "0.1" (inc_net.py:124)
+        adapter_dropout: float = 0.1  # after the ReLU, training (petl/vision_transformer_adapter.py:77, 159)
+        prompt_tokens: int = 5  # Prompt_Token_num, VPT_type "Deep" (inc_net.py:103-106)
         ridges: list[float] = field(default_factory=lambda: [10.0 ** k for k in range(-8, 9)])  # RanPAC.py:139
         ridge_train_fraction: float = 0.8  # RanPAC.py:140
 

@@ -7,20 +7,22 @@ attention (before ``norm2``), as RanPAC's and APER's first-session adapter compu
 adapter's output to the MLP's, which the block then adds to the residual stream."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import nn
 
+from .hooked_tuner import HookedTuner
+
 
 class ParallelAdapter(nn.Module):
-    """down (d -> r), ReLU, up (r -> d), times a fixed scale; "lora" init: the adapter starts as zero
-    (RanPAC/RanPAC petl/vision_transformer_adapter.py:63-68)."""
+    """down (d -> r), ReLU, dropout, up (r -> d), times a fixed scale; "lora" init: the adapter starts as zero
+    (RanPAC/RanPAC petl/vision_transformer_adapter.py:63-68, 74-80)."""
 
-    def __init__(self, dim: int, bottleneck: int, scale: float):
+    def __init__(self, dim: int, bottleneck: int, scale: float, dropout: float):
         super().__init__()
         self.scale = scale
+        self.dropout = nn.Dropout(dropout)
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         with torch.no_grad():
@@ -30,18 +32,16 @@ class ParallelAdapter(nn.Module):
             nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(torch.relu(self.down(x))) * self.scale
+        return self.up(self.dropout(torch.relu(self.down(x)))) * self.scale
 
 
-class ParallelAdapters(nn.Module):
+class ParallelAdapters(HookedTuner):
     """One ``ParallelAdapter`` per block of ``blocks`` (timm ``Block``s with ``norm2`` and ``mlp``)."""
 
-    def __init__(self, blocks: nn.ModuleList, dim: int, bottleneck: int, scale: float):
+    def __init__(self, blocks: nn.ModuleList, dim: int, bottleneck: int, scale: float, dropout: float):
         super().__init__()
-        self.adapters = nn.ModuleList(ParallelAdapter(dim, bottleneck, scale) for _ in blocks)
+        self.adapters = nn.ModuleList(ParallelAdapter(dim, bottleneck, scale, dropout) for _ in blocks)
         self._stream: dict[int, torch.Tensor] = {}
-        self.enabled = True  # False: the blocks compute as the pretrained ViT (APER's frozen branch)
-        self._hooks = []
         for index, block in enumerate(blocks):
             self._hooks.append(block.norm2.register_forward_pre_hook(self._keep_stream(index)))
             self._hooks.append(block.mlp.register_forward_hook(self._add_adapter(index)))
@@ -58,18 +58,3 @@ class ParallelAdapters(nn.Module):
             return output + self.adapters[index](stream) if self.enabled else output
 
         return add
-
-    @contextlib.contextmanager
-    def disabled(self):
-        """The pretrained ViT's computation inside the block, the adapters' after it."""
-        self.enabled = False
-        try:
-            yield
-        finally:
-            self.enabled = True
-
-    def remove(self) -> None:
-        """Detach from the ViT (the blocks compute as before)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
