@@ -151,16 +151,17 @@ def test_fecam_class_statistics_are_the_same_with_two_processes(odd_npz, tmp_pat
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
-def test_aper_prototypes_and_cofima_statistics_are_the_same_with_two_processes(odd_npz, tmp_path):
-    """APER's prototype sums and CoFiMA's class moments (after its Fisher averaging, whose batches are split over
-    the processes) reduce to one process's values."""
-    for method, params in (("aper", {"adapter_bottleneck": 4}), ("cofima", {"ca_epochs": 1, "samples_per_class": 8})):
+def test_aper_and_ease_prototypes_and_cofima_statistics_are_the_same_with_two_processes(odd_npz, tmp_path):
+    """APER's and EASE's prototype sums and CoFiMA's class moments (after its Fisher averaging, whose batches are
+    split over the processes) reduce to one process's values."""
+    for method, params in (("aper", {"adapter_bottleneck": 4}), ("ease", {"adapter_bottleneck": 4}),
+                           ("cofima", {"ca_epochs": 1, "samples_per_class": 8})):
         work = tmp_path / method
         work.mkdir()
         recipe = tiny_recipe(odd_npz, work / "runs", method=method, scenario={"increment": 3, "class_order_seed": 1993})
         recipe["method"]["params"] = params
         path = write_recipe(work / f"{method}.yaml", recipe)
         one, two = _one_and_two_processes(path, work)
-        key = "prototypes" if method == "aper" else "means"
+        key = "means" if method == "cofima" else "prototypes"
         assert torch.allclose(one["method"][key].double(), two["method"][key].double(), atol=1e-6), method
         assert one["matrix"] == two["matrix"], method

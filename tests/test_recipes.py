@@ -44,7 +44,7 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
         expected = ("google/vit-base-patch16-224-in21k" if recipe.stem == "slca_hf_vit"
                     else "vit_base_patch16_224.augreg_in21k_ft_in1k" if in1k else "vit_base_patch16_224.augreg_in21k")
         assert cfg.backbone.name == expected and cfg.backbone.pretrained
-        if cfg.method.name not in ("l2p", "dualprompt", "ranpac", "aper"):  # their own epochs
+        if cfg.method.name not in ("l2p", "dualprompt", "ranpac", "aper", "ease"):  # their own epochs
             assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
     if cfg.method.name == "ranpac":  # RanPAC/RanPAC args/*_publish.csv row 7
         assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay) == (20, 48, 0.01, 5e-4)
@@ -67,6 +67,13 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
         assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size) == expected
         assert cfg.method.params.adapter_bottleneck == 64 and cfg.method.params.prompt_tokens == 5
         assert cfg.data.mean == [0.0] * 3 and cfg.train.scheduler == "cosine" and cfg.train.eta_min == 0.0
+    if cfg.method.name == "ease":  # sun-hailong/CVPR24-Ease exps/ease_*_in21k.json
+        expected = {"cifar100": (5, 0.025, 48, 5e-4, 0.1), "imagenet_r": (20, 0.05, 16, 0.005, 0.1),
+                    "cub200": (10, 0.008, 32, 5e-4, 0.05), "cars196": (20, 0.008, 32, 5e-4, 0.05)}[recipe.parent.name]
+        assert (cfg.scenario.increment, cfg.train.lr, cfg.train.batch_size, cfg.train.weight_decay,
+                cfg.method.params.alpha) == expected
+        assert cfg.train.epochs == 20 and cfg.train.scheduler == "cosine" and cfg.data.transform == "pilot"
+        assert cfg.data.mean == [0.0] * 3 and not cfg.method.params.use_init_ptm
     if cfg.method.name == "fecam":  # dipamgoswami/FeCAM FeCAM_vit_*.py
         cifar = recipe.parent.name == "cifar100"
         assert (cfg.method.params.shrink_diagonal, cfg.method.params.shrink_off_diagonal) == ((1.0, 0.0) if cifar
@@ -101,7 +108,8 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", ["seq_ft", "seq_ft_sl", "slca", "slca_pp", "inflora", "l2p",
                                     "dualprompt", "coda_prompt", "joint", "linear_probe", "ewc", "online_ewc", "mas",
                                     "si", "lwf", "replay", "generative_replay", "packnet", "pnn", "pnn_adapter",
-                                    "den", "ranpac", "fecam", "cofima", "aper", "aper_ssf", "aper_vpt"])
+                                    "den", "ranpac", "fecam", "cofima", "aper", "aper_ssf", "aper_vpt",
+                                    "ease"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))
@@ -153,8 +161,8 @@ def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no packaged recipe"):
         find_recipe("cifar100/_base")  # only extended, never run
     names = packaged_recipes()
-    # 29 per paper benchmark, 27 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
-    assert len(names) == 4 * 29 + 27 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
+    # 30 per paper benchmark, 28 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
+    assert len(names) == 4 * 30 + 28 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
     assert "demo/slca" in names and "digits/slca" in names and not any("_base" in n for n in names)
 
 

@@ -11,6 +11,7 @@ from .coda_prompt import CodaPrompt
 from .cofima import CoFiMA
 from .den import DEN
 from .dualprompt import DualPrompt
+from .ease import EASE
 from .fecam import FeCAM
 from .generative_replay import GenerativeFeatureReplay
 from .inflora import InfLoRA
@@ -29,11 +30,12 @@ from .slca_pp import SLCAPlusPlus
 
 # The state of the art on class statistics, each file following its official code: RanPAC/RanPAC RanPAC.py,
 # dipamgoswami/FeCAM FeCAM_vit_cifar100.py, IemProg/CoFiMA models/cofima.py, zhoudw-zdw/RevisitingCIL
-# models/aper_adapter.py (file and line per step in each module).
+# models/aper_adapter.py (file and line per step in each module). Adapters grown per task on the frozen ViT:
+# sun-hailong/CVPR24-Ease models/ease.py.
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA, L2P, DualPrompt, CodaPrompt,
     EWC, MAS, SI, LwF, Replay, GenerativeFeatureReplay, PackNet, ProgressiveNetworks, DEN,
-    RanPAC, FeCAM, CoFiMA, APER)}
+    RanPAC, FeCAM, CoFiMA, APER, EASE)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
