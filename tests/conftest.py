@@ -111,3 +111,31 @@ def run_interrupted_and_resumed(make_trainer, tmp_path: Path, after_task: int):
         cut.run()
     resumed = make_trainer(tmp_path / "cut")
     return reference, expected, resumed, resumed.run(resume=True)
+
+
+def hooked_vit_trainer(npz: Path, output_dir: Path, method: str, **params):
+    """A tiny run of a method that hooks modules into timm's ViT blocks (RanPAC, APER, EASE): the final norm kept,
+    as their recipes, SGD at lr 0.05 with a cosine schedule, ``params`` as method.params."""
+    from slca_kit.resolve import config_from_dict
+    from slca_kit.trainer import Trainer
+
+    recipe = tiny_recipe(npz, output_dir, method=method, backbone={"replace_final_norm": False})
+    recipe["method"]["params"] = params
+    recipe["train"].update(scheduler="cosine", lr=0.05)
+    return Trainer(config_from_dict(recipe))
+
+
+def record_after_each_task(trainer, state_of) -> list:
+    """The list that ``state_of(model)`` fills with one entry per task, taken after the task's evaluation."""
+    states, end_task = [], trainer.method.end_task
+
+    def record(model, ctx):
+        end_task(model, ctx)
+        states.append(state_of(model))
+
+    trainer.method.end_task = record
+    return states
+
+
+def cloned_state(module) -> dict:
+    return {key: value.clone() for key, value in module.state_dict().items()}

@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from slca_kit.models.parallel_adapter import ParallelAdapters
-from slca_kit.resolve import config_from_dict
-from slca_kit.trainer import Trainer
 
-from conftest import TINY_VIT, run_interrupted_and_resumed, tiny_recipe
+from conftest import TINY_VIT, hooked_vit_trainer, run_interrupted_and_resumed
 
 
 def test_disabled_adapters_give_the_pretrained_vit():
@@ -30,10 +28,7 @@ def test_disabled_adapters_give_the_pretrained_vit():
 
 
 def _trainer(tiny_npz, tmp_path, **params):
-    recipe = tiny_recipe(tiny_npz, tmp_path, method="aper", backbone={"replace_final_norm": False})
-    recipe["method"]["params"] = {"adapter_bottleneck": 8, **params}
-    recipe["train"].update(scheduler="cosine", lr=0.05)
-    return Trainer(config_from_dict(recipe))
+    return hooked_vit_trainer(tiny_npz, tmp_path, "aper", **{"adapter_bottleneck": 8, **params})
 
 
 def test_prototypes_are_class_means_of_pretrained_and_adapted_features(tiny_npz, tmp_path):

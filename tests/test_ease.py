@@ -11,10 +11,8 @@ import torch.nn.functional as F
 
 from slca_kit.errors import ConfigError
 from slca_kit.methods.ease import complement_prototypes, reweighted_logits
-from slca_kit.resolve import config_from_dict
-from slca_kit.trainer import Trainer
 
-from conftest import run_interrupted_and_resumed, tiny_recipe
+from conftest import cloned_state, hooked_vit_trainer, record_after_each_task, run_interrupted_and_resumed
 
 
 def test_complement_on_two_d_prototypes_by_hand():
@@ -29,15 +27,20 @@ def test_complement_on_two_d_prototypes_by_hand():
     assert torch.equal(done[1:], weight[1:]) and torch.equal(done[0, :2], weight[0, :2])
 
 
+def _official_cls_range(task_id, init_cls, inc):
+    """ease.py:49-58 ``get_cls_range``."""
+    start_cls = 0 if task_id == 0 else init_cls + (task_id - 1) * inc
+    return start_cls, init_cls if task_id == 0 else start_cls + inc
+
+
 def _official_solve_sim_reset(weight, init_cls, inc, cur_task, dim, use_init_ptm):
-    """ease.py:179-209 with its get_cls_range (:48-56), moni_adam false."""
+    """ease.py:176-226, moni_adam false."""
     weight = weight.clone()
     total = init_cls + cur_task * inc
     for task_id in range(cur_task):
         range_dim = range(task_id + 2, cur_task + 2) if use_init_ptm else range(task_id + 1, cur_task + 1)
         for dim_id in range_dim:
-            start_cls = 0 if task_id == 0 else init_cls + (task_id - 1) * inc
-            end_cls = init_cls if task_id == 0 else start_cls + inc
+            start_cls, end_cls = _official_cls_range(task_id, init_cls, inc)
             start_dim, end_dim = dim_id * dim, (dim_id + 1) * dim
             if use_init_ptm:
                 start_cls_old = init_cls + (dim_id - 2) * inc
@@ -79,9 +82,9 @@ def test_complement_matches_the_official_loops(use_init_ptm):
 
 def _official_forward_reweight(features, weight, cur_task, alpha, beta, init_cls, inc, out_dim, use_init_ptm):
     """backbone/linears.py:45-93 (sigma 1, no proxies)."""
+    out_all = []
     for i in range(cur_task + 1):
-        start_cls = 0 if i == 0 else init_cls + (i - 1) * inc
-        end_cls = init_cls if i == 0 else start_cls + inc
+        start_cls, end_cls = _official_cls_range(i, init_cls, inc)
         out = 0.0
         for j in range(weight.shape[1] // out_dim):
             if use_init_ptm and j == 0:
@@ -93,8 +96,8 @@ def _official_forward_reweight(features, weight, cur_task, alpha, beta, init_cls
             own = (j == i + 1) if use_init_ptm else (j == i)
             out1 = F.linear(input1, weight1) if own else alpha * F.linear(input1, weight1) / cur_task
             out += out1
-        out_all = out if i == 0 else torch.cat((out_all, out), dim=1)
-    return out_all
+        out_all.append(out)
+    return torch.cat(out_all, dim=1)
 
 
 @pytest.mark.parametrize("use_init_ptm", [False, True])
@@ -110,23 +113,13 @@ def test_reweighted_logits_match_the_official_head(use_init_ptm):
 
 
 def _trainer(tiny_npz, tmp_path, **params):
-    recipe = tiny_recipe(tiny_npz, tmp_path, method="ease", backbone={"replace_final_norm": False})
-    recipe["method"]["params"] = {"adapter_bottleneck": 8, **params}
-    recipe["train"].update(scheduler="cosine", lr=0.05)
-    return Trainer(config_from_dict(recipe))
+    return hooked_vit_trainer(tiny_npz, tmp_path, "ease", **{"adapter_bottleneck": 8, **params})
 
 
 def test_each_task_trains_its_own_adapters_and_prototypes_are_recomputed_independently(tiny_npz, tmp_path):
     trainer = _trainer(tiny_npz, tmp_path)
     initial = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
-    snapshots = []
-    end_task = trainer.method.end_task
-
-    def record(model, ctx):
-        end_task(model, ctx)
-        snapshots.append([{k: v.clone() for k, v in s.state_dict().items()} for s in model.ease_adapters])
-
-    trainer.method.end_task = record
+    snapshots = record_after_each_task(trainer, lambda model: [cloned_state(s) for s in model.ease_adapters])
     results = trainer.run()
     model, method = trainer.model, trainer.method
     assert all(torch.equal(v, initial[k]) for k, v in model.backbone.state_dict().items())  # the ViT never moves

@@ -11,10 +11,8 @@ import torch
 from slca_kit.errors import ConfigError
 from slca_kit.models.ssf import ScaleShiftTuner
 from slca_kit.models.visual_prompts import VisualPrompts
-from slca_kit.resolve import config_from_dict
-from slca_kit.trainer import Trainer
 
-from conftest import TINY_VIT, tiny_recipe
+from conftest import TINY_VIT, cloned_state, hooked_vit_trainer, record_after_each_task
 
 
 def _vit():
@@ -89,29 +87,22 @@ def test_prompt_hooks_compute_the_official_vpt_vit(deep):
 
 
 def _trainer(tiny_npz, tmp_path, **params):
-    recipe = tiny_recipe(tiny_npz, tmp_path, method="aper", backbone={"replace_final_norm": False})
-    recipe["method"]["params"] = params
-    recipe["train"].update(scheduler="cosine", lr=0.05)
-    return Trainer(config_from_dict(recipe))
+    return hooked_vit_trainer(tiny_npz, tmp_path, "aper", **params)
 
 
 @pytest.mark.parametrize("first_session", ["ssf", "vpt_shallow"])
 def test_aper_trains_only_the_module_on_the_first_task(tiny_npz, tmp_path, first_session):
     trainer = _trainer(tiny_npz, tmp_path, first_session=first_session, prompt_tokens=2)
     initial = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
-    tuner_after = []
-    grow, end_task = trainer.method.grow, trainer.method.end_task
+    tuner_after = record_after_each_task(trainer, lambda model: cloned_state(model.first_session_tuner))
+    grow = trainer.method.grow
 
-    def record_grow(model, ctx):
+    def record_initial(model, ctx):  # the module as attached, before it trains
         grow(model, ctx)
         if ctx.task == 0:
-            tuner_after.append({k: v.clone() for k, v in model.first_session_tuner.state_dict().items()})
+            tuner_after.append(cloned_state(model.first_session_tuner))
 
-    def record_end_task(model, ctx):
-        end_task(model, ctx)
-        tuner_after.append({k: v.clone() for k, v in model.first_session_tuner.state_dict().items()})
-
-    trainer.method.grow, trainer.method.end_task = record_grow, record_end_task
+    trainer.method.grow = record_initial
     trainer.run()
     model, method = trainer.model, trainer.method
     assert all(torch.equal(v, initial[k]) for k, v in model.backbone.state_dict().items())  # the ViT never moves

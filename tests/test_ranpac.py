@@ -13,10 +13,8 @@ import torch.nn.functional as F
 from slca_kit.methods.ranpac import choose_ridge, ridge_readout
 from slca_kit.models.heads import CosineHead
 from slca_kit.models.parallel_adapter import ParallelAdapters
-from slca_kit.resolve import config_from_dict
-from slca_kit.trainer import Trainer
 
-from conftest import run_interrupted_and_resumed, tiny_recipe
+from conftest import cloned_state, hooked_vit_trainer, record_after_each_task, run_interrupted_and_resumed
 
 RIDGES = [10.0 ** k for k in range(-8, 9)]
 
@@ -106,23 +104,13 @@ def test_cosine_head_is_sigma_times_cosine():
 
 
 def _trainer(tiny_npz, tmp_path, **params):
-    recipe = tiny_recipe(tiny_npz, tmp_path, method="ranpac", backbone={"replace_final_norm": False})
-    recipe["method"]["params"] = {"projection_dim": 50, "adapter_bottleneck": 8, **params}
-    recipe["train"].update(scheduler="cosine", lr=0.05)
-    return Trainer(config_from_dict(recipe))
+    return hooked_vit_trainer(tiny_npz, tmp_path, "ranpac", **{"projection_dim": 50, "adapter_bottleneck": 8, **params})
 
 
 def test_first_session_trains_adapters_then_everything_stays_frozen(tiny_npz, tmp_path):
     trainer = _trainer(tiny_npz, tmp_path)
     initial_backbone = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
-    adapters_after = []
-    original = trainer.method.end_task
-
-    def end_task(model, ctx):
-        original(model, ctx)
-        adapters_after.append({k: v.clone() for k, v in model.first_session_tuner.state_dict().items()})
-
-    trainer.method.end_task = end_task
+    adapters_after = record_after_each_task(trainer, lambda model: cloned_state(model.first_session_tuner))
     results = trainer.run()
     model, method = trainer.model, trainer.method
     assert [trainer.method.train_epochs(trainer.context(t)) for t in range(3)] == [2, 0, 0]
