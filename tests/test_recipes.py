@@ -40,11 +40,12 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
     if "mocov3" in recipe.stem:
         assert cfg.backbone.weights_key == "model" and cfg.train.epochs == 90 and cfg.train.milestones == [80]
     else:
-        in1k = cfg.method.name == "ranpac" and recipe.parent.name in ("cub200", "imagenet_r")  # args/*_publish.csv
+        in1k = (cfg.method.name == "ranpac" and recipe.parent.name in ("cub200", "imagenet_r")  # args/*_publish.csv
+                or cfg.method.name == "sd_lora")  # "vit_base_patch16_224" (exps/sdlora_*.json)
         expected = ("google/vit-base-patch16-224-in21k" if recipe.stem == "slca_hf_vit"
                     else "vit_base_patch16_224.augreg_in21k_ft_in1k" if in1k else "vit_base_patch16_224.augreg_in21k")
         assert cfg.backbone.name == expected and cfg.backbone.pretrained
-        if cfg.method.name not in ("l2p", "dualprompt", "ranpac", "aper", "ease"):  # their own epochs
+        if cfg.method.name not in ("l2p", "dualprompt", "ranpac", "aper", "ease", "sd_lora"):  # their own epochs
             assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
     if cfg.method.name == "ranpac":  # RanPAC/RanPAC args/*_publish.csv row 7
         assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay) == (20, 48, 0.01, 5e-4)
@@ -74,6 +75,12 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
                 cfg.method.params.alpha) == expected
         assert cfg.train.epochs == 20 and cfg.train.scheduler == "cosine" and cfg.data.transform == "pilot"
         assert cfg.data.mean == [0.0] * 3 and not cfg.method.params.use_init_ptm
+    if cfg.method.name == "sd_lora":  # WuYichen-97/SD-Lora-CL exps/sdlora_c100.json, sdlora_inr.json
+        expected = {"cifar100": (10, 0.008)}.get(recipe.parent.name, (20, 0.01))
+        assert (cfg.scenario.increment, cfg.train.lr) == expected and cfg.method.params.rank == 10
+        assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.weight_decay, cfg.train.scheduler) == (
+            20, 128, 0.0, "constant")
+        assert cfg.method.params.rank_reduction == [] and cfg.data.mean == [0.0] * 3
     if cfg.method.name == "fecam":  # dipamgoswami/FeCAM FeCAM_vit_*.py
         cifar = recipe.parent.name == "cifar100"
         assert (cfg.method.params.shrink_diagonal, cfg.method.params.shrink_off_diagonal) == ((1.0, 0.0) if cifar
@@ -109,7 +116,7 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
                                     "dualprompt", "coda_prompt", "joint", "linear_probe", "ewc", "online_ewc", "mas",
                                     "si", "lwf", "replay", "generative_replay", "packnet", "pnn", "pnn_adapter",
                                     "den", "ranpac", "fecam", "cofima", "aper", "aper_ssf", "aper_vpt",
-                                    "ease"])
+                                    "ease", "sd_lora"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))
@@ -161,8 +168,8 @@ def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no packaged recipe"):
         find_recipe("cifar100/_base")  # only extended, never run
     names = packaged_recipes()
-    # 30 per paper benchmark, 28 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
-    assert len(names) == 4 * 30 + 28 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
+    # 31 per paper benchmark, 29 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
+    assert len(names) == 4 * 31 + 29 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
     assert "demo/slca" in names and "digits/slca" in names and not any("_base" in n for n in names)
 
 

@@ -24,6 +24,7 @@ from .progressive import ProgressiveNetworks
 from .ranpac import RanPAC
 from .regularization import EWC, MAS, SI
 from .replay import Replay
+from .sd_lora import SDLoRA
 from .seq_ft import SeqFT, SeqFTSlowLearner
 from .slca import SLCA
 from .slca_pp import SLCAPlusPlus
@@ -31,11 +32,11 @@ from .slca_pp import SLCAPlusPlus
 # The state of the art on class statistics, each file following its official code: RanPAC/RanPAC RanPAC.py,
 # dipamgoswami/FeCAM FeCAM_vit_cifar100.py, IemProg/CoFiMA models/cofima.py, zhoudw-zdw/RevisitingCIL
 # models/aper_adapter.py (file and line per step in each module). Adapters grown per task on the frozen ViT:
-# sun-hailong/CVPR24-Ease models/ease.py.
+# sun-hailong/CVPR24-Ease models/ease.py, WuYichen-97/SD-Lora-CL models/sdlora.py.
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA, L2P, DualPrompt, CodaPrompt,
     EWC, MAS, SI, LwF, Replay, GenerativeFeatureReplay, PackNet, ProgressiveNetworks, DEN,
-    RanPAC, FeCAM, CoFiMA, APER, EASE)}
+    RanPAC, FeCAM, CoFiMA, APER, EASE, SDLoRA)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
