@@ -113,6 +113,15 @@ def run_interrupted_and_resumed(make_trainer, tmp_path: Path, after_task: int):
     return reference, expected, resumed, resumed.run(resume=True)
 
 
+def tiny_timm_vit():
+    """A randomly initialised timm ViT of TINY_VIT's size (seed 0), in eval mode, without a head."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT).eval()
+
+
 def hooked_vit_trainer(npz: Path, output_dir: Path, method: str, **params):
     """A tiny run of a method that hooks modules into timm's ViT blocks (RanPAC, APER, EASE): the final norm kept,
     as their recipes, SGD at lr 0.05 with a cosine schedule, ``params`` as method.params."""

@@ -9,12 +9,11 @@ import torch.nn.functional as F
 
 from slca_kit.models.parallel_adapter import ParallelAdapters
 
-from conftest import TINY_VIT, hooked_vit_trainer, run_interrupted_and_resumed
+from conftest import TINY_VIT, hooked_vit_trainer, run_interrupted_and_resumed, tiny_timm_vit
 
 
 def test_disabled_adapters_give_the_pretrained_vit():
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT).eval()
+    vit = tiny_timm_vit()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain = vit(x)

@@ -64,18 +64,21 @@ def _official_solve_sim_reset(weight, init_cls, inc, cur_task, dim, use_init_ptm
     return weight
 
 
-def _rows(init_cls, inc, tasks):
-    return [slice(0, init_cls)] + [slice(init_cls + (t - 1) * inc, init_cls + t * inc) for t in range(1, tasks)]
+def _random_prototypes(seed, init_cls, inc, tasks, dim, use_init_ptm):
+    """Random merged-head weights [classes, blocks * dim] and each task's rows, B``init_cls`` Inc``inc``."""
+    torch.manual_seed(seed)
+    blocks = tasks + int(use_init_ptm)
+    weight = torch.randn(init_cls + (tasks - 1) * inc, blocks * dim)
+    rows = [slice(0, init_cls)] + [slice(init_cls + (t - 1) * inc, init_cls + t * inc) for t in range(1, tasks)]
+    return weight, rows
 
 
 @pytest.mark.parametrize("use_init_ptm", [False, True])
 def test_complement_matches_the_official_loops(use_init_ptm):
-    torch.manual_seed(0)
     init_cls, inc, tasks, dim = 3, 2, 4, 5
-    blocks = tasks + int(use_init_ptm)
-    weight = torch.randn(init_cls + (tasks - 1) * inc, blocks * dim)
+    weight, rows = _random_prototypes(0, init_cls, inc, tasks, dim, use_init_ptm)
     expected = _official_solve_sim_reset(weight, init_cls, inc, tasks - 1, dim, use_init_ptm)
-    done = complement_prototypes(weight, _rows(init_cls, inc, tasks), dim, first_block=int(use_init_ptm))
+    done = complement_prototypes(weight, rows, dim, first_block=int(use_init_ptm))
     assert torch.allclose(done, expected, atol=1e-6)
     assert not torch.allclose(done, weight)
 
@@ -102,13 +105,11 @@ def _official_forward_reweight(features, weight, cur_task, alpha, beta, init_cls
 
 @pytest.mark.parametrize("use_init_ptm", [False, True])
 def test_reweighted_logits_match_the_official_head(use_init_ptm):
-    torch.manual_seed(1)
     init_cls, inc, tasks, dim = 3, 2, 3, 4
-    blocks = tasks + int(use_init_ptm)
-    weight = torch.randn(init_cls + (tasks - 1) * inc, blocks * dim)
-    features = torch.randn(6, blocks * dim)
+    weight, rows = _random_prototypes(1, init_cls, inc, tasks, dim, use_init_ptm)
+    features = torch.randn(6, weight.shape[1])
     expected = _official_forward_reweight(features, weight, tasks - 1, 0.1, 0.5, init_cls, inc, dim, use_init_ptm)
-    logits = reweighted_logits(features, weight, _rows(init_cls, inc, tasks), dim, 0.1, 0.5, use_init_ptm)
+    logits = reweighted_logits(features, weight, rows, dim, 0.1, 0.5, use_init_ptm)
     assert torch.allclose(logits, expected, atol=1e-6)
 
 

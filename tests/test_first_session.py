@@ -5,19 +5,13 @@ bad settings are refused."""
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 
 from slca_kit.errors import ConfigError
 from slca_kit.models.ssf import ScaleShiftTuner
 from slca_kit.models.visual_prompts import VisualPrompts
 
-from conftest import TINY_VIT, cloned_state, hooked_vit_trainer, record_after_each_task
-
-
-def _vit():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT).eval()
+from conftest import TINY_VIT, cloned_state, hooked_vit_trainer, record_after_each_task, tiny_timm_vit
 
 
 def _official_ssf_features(vit, ssf, x):
@@ -44,7 +38,7 @@ def _official_ssf_features(vit, ssf, x):
 
 
 def test_ssf_hooks_compute_the_official_ssf_vit():
-    vit, x = _vit(), torch.randn(2, 3, 32, 32)
+    vit, x = tiny_timm_vit(), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain = vit(x)
         ssf = ScaleShiftTuner(vit)
@@ -64,7 +58,7 @@ def test_ssf_hooks_compute_the_official_ssf_vit():
 
 @pytest.mark.parametrize("deep", [True, False])
 def test_prompt_hooks_compute_the_official_vpt_vit(deep):
-    vit, x = _vit(), torch.randn(2, 3, 32, 32)
+    vit, x = tiny_timm_vit(), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain = vit(x)
         prompts = VisualPrompts(vit.blocks, TINY_VIT["embed_dim"], tokens=3, deep=deep)

@@ -4,18 +4,17 @@ delta, a run freezes earlier directions and retrains every magnitude, SD-LoRA-RR
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 
 from slca_kit.errors import ConfigError
 from slca_kit.models.decoupled_lora import DecoupledLoRA
 
-from conftest import TINY_VIT, cloned_state, hooked_vit_trainer, record_after_each_task, run_interrupted_and_resumed
+from conftest import (TINY_VIT, cloned_state, hooked_vit_trainer, record_after_each_task,
+                      run_interrupted_and_resumed, tiny_timm_vit)
 
 
 def _vit_with_two_tasks():
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT).eval()
+    vit = tiny_timm_vit()
     lora = DecoupledLoRA(vit.blocks, magnitude_init=0.8)
     lora.add_task(rank=3)
     lora.add_task(rank=2)  # SD-LoRA-RR: a later task may have a lower rank
@@ -58,8 +57,7 @@ def test_magnitude_times_normalised_direction_is_the_plain_lora_delta():
 
 
 def test_lora_starts_as_the_pretrained_vit_and_detaches():
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **TINY_VIT).eval()
+    vit = tiny_timm_vit()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain = vit(images)
@@ -109,7 +107,8 @@ def test_resume_after_a_task_matches_uninterrupted(tiny_npz, tmp_path):
         assert torch.equal(resumed.model.sd_lora.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("params, key", [({"rank": 0}, "rank"), ({"rank_reduction": [[4, 8], [2, 6]]}, "rank_reduction"),
+@pytest.mark.parametrize("params, key", [({"rank": 0}, "rank"),
+                                         ({"rank_reduction": [[4, 8], [2, 6]]}, "rank_reduction"),
                                          ({"rank_reduction": [[4]]}, "rank_reduction")])
 def test_bad_settings_are_refused(tiny_npz, tmp_path, params, key):
     with pytest.raises(ConfigError, match=key):

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .base import TaskContext
 from .first_session import FirstSessionAdaptation, check_first_session
+from .prototypes import class_means, cosine_logits
 
 
 class APER(FirstSessionAdaptation):
@@ -53,25 +53,16 @@ class APER(FirstSessionAdaptation):
     def after_training(self, model, ctx: TaskContext) -> None:
         classes = ctx.scenario.task_classes(ctx.task)
         with ctx.timer("statistics"):
-            was_training = model.training
-            model.eval()
-            sums, counts = None, torch.zeros(len(classes), dtype=torch.float64, device=ctx.device)
-            for images, labels in ctx.iterate_images(classes, "train", self.params.prototype_batch_size):
-                onehot = F.one_hot(labels - ctx.known_classes, len(classes)).to(torch.float64)
-                batch = onehot.T @ self.features(model, images).to(torch.float64)
-                sums = batch if sums is None else sums + batch
-                counts += onehot.sum(0)
-            model.train(was_training)
-            if sums is None:  # this process's shard held no training image of the task
-                width = model.backbone.num_features * (2 if self.adapts_first_session else 1)
-                sums = torch.zeros(len(classes), width, dtype=torch.float64, device=ctx.device)
-            means = (ctx.reduce_sum(sums) / ctx.reduce_sum(counts)[:, None]).float().cpu()
+            model.eval()  # as for every statistic (the trainer's extract_features); the next epoch sets train()
+            batches = ((self.features(model, images), labels)
+                       for images, labels in ctx.iterate_images(classes, "train", self.params.prototype_batch_size))
+            width = model.backbone.num_features * (2 if self.adapts_first_session else 1)
+            means = class_means(batches, classes, width, ctx)
         self.prototypes = means if self.prototypes is None else torch.cat([self.prototypes, means])
 
     def predict(self, model, images: torch.Tensor, ctx: TaskContext) -> torch.Tensor:
         """Cosine similarity to each prototype (``CosineLinear`` with its untrained scale 1)."""
-        features = F.normalize(self.features(model, images), dim=1)
-        return features @ F.normalize(self.prototypes.to(features.device), dim=1).T
+        return cosine_logits(self.features(model, images), self.prototypes)
 
     def state_dict(self) -> dict:
         return {"prototypes": self.prototypes}

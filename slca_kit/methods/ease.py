@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..models.heads import CosineHead
 from ..models.parallel_adapter import ParallelAdapters
 from .base import Method, TaskContext
+from .prototypes import class_means
 
 
 def complement_prototypes(weight: torch.Tensor, task_rows: list[slice], dim: int, first_block: int) -> torch.Tensor:
@@ -143,16 +144,10 @@ class EASE(Method):
         dim = model.backbone.num_features
         blocks = ctx.task + 1 + int(self.params.use_init_ptm)
         with ctx.timer("statistics"):
-            was_training = model.training
-            model.eval()
-            sums = torch.zeros(len(classes), blocks * dim, dtype=torch.float64, device=ctx.device)
-            counts = torch.zeros(len(classes), dtype=torch.float64, device=ctx.device)
-            for images, labels in ctx.iterate_images(classes, "train", self.params.prototype_batch_size):
-                onehot = F.one_hot(labels - ctx.known_classes, len(classes)).to(torch.float64)
-                sums += onehot.T @ self._subspace_features(model, images, ctx.task).to(torch.float64)
-                counts += onehot.sum(0)
-            model.train(was_training)
-            means = (ctx.reduce_sum(sums) / ctx.reduce_sum(counts)[:, None]).float().cpu()
+            model.eval()  # as for every statistic (the trainer's extract_features); the next epoch sets train()
+            batches = ((self._subspace_features(model, images, ctx.task), labels)
+                       for images, labels in ctx.iterate_images(classes, "train", self.params.prototype_batch_size))
+            means = class_means(batches, classes, blocks * dim, ctx)
         # the merged head grows by a block of zeros for the new subspace and by the new classes' rows
         # (utils/inc_net.py:150-157); the new classes' rows are real in every block (ease.py:66-98)
         weight = torch.zeros(ctx.seen_classes, blocks * dim)

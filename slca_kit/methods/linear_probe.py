@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .base import Method, TaskContext
+from .prototypes import class_means, cosine_logits
 
 
 class LinearProbe(Method):
@@ -35,18 +35,13 @@ class LinearProbe(Method):
             return
         classes = ctx.scenario.task_classes(ctx.task)
         with ctx.timer("statistics"):
-            features, labels = ctx.extract_features(classes, "train")
-            onehot = F.one_hot(labels - classes[0], len(classes)).to(torch.float64)
-            sums = ctx.reduce_sum(onehot.T @ features.to(torch.float64))
-            counts = ctx.reduce_sum(onehot.sum(0))
-            means = (sums / counts[:, None]).float().cpu()
+            means = class_means([ctx.extract_features(classes, "train")], classes, model.backbone.num_features, ctx)
         self.prototypes = means if self.prototypes is None else torch.cat([self.prototypes, means])
 
     def predict(self, model, images: torch.Tensor, ctx: TaskContext) -> torch.Tensor:
         if not self.params.prototypes:
             return model(images)
-        features = F.normalize(model.features(images).float(), dim=1)
-        return features @ F.normalize(self.prototypes.to(features.device), dim=1).T
+        return cosine_logits(model.features(images).float(), self.prototypes)
 
     def state_dict(self) -> dict:
         return {"prototypes": self.prototypes}

@@ -53,9 +53,9 @@ class SDLoRA(Method):
     def grow(self, model, ctx: TaskContext) -> None:
         device = next(model.backbone.parameters()).device
         if ctx.task == 0:
-            model.sd_lora = DecoupledLoRA(model.backbone.blocks, self.params.magnitude_init).to(device)
+            model.sd_lora = DecoupledLoRA(model.backbone.blocks, self.params.magnitude_init)
         model.sd_lora.add_task(self.rank_for(ctx.task))
-        model.sd_lora.to(device)
+        model.sd_lora.to(device)  # the new task's parameters are made on the CPU
         head = model.head.heads[ctx.task]  # SimpleLinear's init (backbone/linears.py:27-29)
         nn.init.kaiming_uniform_(head.weight, nonlinearity="linear")
         nn.init.zeros_(head.bias)

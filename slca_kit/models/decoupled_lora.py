@@ -41,7 +41,7 @@ class DecoupledLoRA(HookedTuner):
             nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))  # nn.Linear(dim, rank)'s init (lora.py:380)
         self.down.append(nn.Parameter(down))
         self.up.append(nn.Parameter(torch.zeros(self.layers, 2, self.dim, rank)))
-        self.magnitudes.append(nn.Parameter(torch.tensor(self.magnitude_init)))
+        self.magnitudes.append(nn.Parameter(torch.tensor(0.0)))
         with torch.no_grad():
             for magnitude in self.magnitudes:
                 magnitude.fill_(self.magnitude_init)

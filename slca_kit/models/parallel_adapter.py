@@ -48,13 +48,13 @@ class ParallelAdapters(HookedTuner):
 
     def _keep_stream(self, index: int):
         def keep(module, inputs):
-            self._stream[index] = inputs[0]
+            if self.enabled:  # a switched-off set (APER's pretrained branch, EASE's other tasks) keeps nothing
+                self._stream[index] = inputs[0]
 
         return keep
 
     def _add_adapter(self, index: int):
         def add(module, inputs, output):
-            stream = self._stream.pop(index)
-            return output + self.adapters[index](stream) if self.enabled else output
+            return output + self.adapters[index](self._stream.pop(index)) if self.enabled else output
 
         return add
