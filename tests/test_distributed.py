@@ -151,10 +151,11 @@ def test_fecam_class_statistics_are_the_same_with_two_processes(odd_npz, tmp_pat
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
-def test_aper_and_ease_prototypes_and_cofima_statistics_are_the_same_with_two_processes(odd_npz, tmp_path):
-    """APER's and EASE's prototype sums and CoFiMA's class moments (after its Fisher averaging, whose batches are
-    split over the processes) reduce to one process's values."""
+def test_aper_ease_mos_prototypes_and_cofima_statistics_are_the_same_with_two_processes(odd_npz, tmp_path):
+    """APER's, EASE's and MOS's prototype sums, MOS's class moments and CoFiMA's (after its Fisher averaging, whose
+    batches are split over the processes) reduce to one process's values."""
     for method, params in (("aper", {"adapter_bottleneck": 4}), ("ease", {"adapter_bottleneck": 4}),
+                           ("mos", {"adapter_bottleneck": 4, "ca_epochs": 1, "samples_per_class": 8}),
                            ("cofima", {"ca_epochs": 1, "samples_per_class": 8})):
         work = tmp_path / method
         work.mkdir()
@@ -162,6 +163,7 @@ def test_aper_and_ease_prototypes_and_cofima_statistics_are_the_same_with_two_pr
         recipe["method"]["params"] = params
         path = write_recipe(work / f"{method}.yaml", recipe)
         one, two = _one_and_two_processes(path, work)
-        key = "means" if method == "cofima" else "prototypes"
-        assert torch.allclose(one["method"][key].double(), two["method"][key].double(), atol=1e-6), method
+        keys = {"cofima": ["means"], "mos": ["prototypes", "means", "covs"]}.get(method, ["prototypes"])
+        for key in keys:
+            assert torch.allclose(one["method"][key].double(), two["method"][key].double(), atol=1e-5), (method, key)
         assert one["matrix"] == two["matrix"], method

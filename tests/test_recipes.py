@@ -45,7 +45,7 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
         expected = ("google/vit-base-patch16-224-in21k" if recipe.stem == "slca_hf_vit"
                     else "vit_base_patch16_224.augreg_in21k_ft_in1k" if in1k else "vit_base_patch16_224.augreg_in21k")
         assert cfg.backbone.name == expected and cfg.backbone.pretrained
-        if cfg.method.name not in ("l2p", "dualprompt", "ranpac", "aper", "ease", "sd_lora"):  # their own epochs
+        if cfg.method.name not in ("l2p", "dualprompt", "ranpac", "aper", "ease", "mos", "sd_lora"):  # own epochs
             assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
     if cfg.method.name == "ranpac":  # RanPAC/RanPAC args/*_publish.csv row 7
         assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay) == (20, 48, 0.01, 5e-4)
@@ -75,6 +75,15 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
                 cfg.method.params.alpha) == expected
         assert cfg.train.epochs == 20 and cfg.train.scheduler == "cosine" and cfg.data.transform == "pilot"
         assert cfg.data.mean == [0.0] * 3 and not cfg.method.params.use_init_ptm
+    if cfg.method.name == "mos":  # sun-hailong/AAAI25-MOS exps/mos_*_in21k.json (Cars: the CUB values)
+        expected = {"cifar100": (5, 20, 0.03, 48, 5e-4), "imagenet_r": (20, 10, 0.05, 16, 0.005),
+                    "cub200": (10, 10, 0.01, 32, 5e-4), "cars196": (20, 10, 0.01, 32, 5e-4)}[recipe.parent.name]
+        assert (cfg.scenario.increment, cfg.train.epochs, cfg.train.lr, cfg.train.batch_size,
+                cfg.train.weight_decay) == expected
+        params = cfg.method.params
+        assert params.ca_weight_decay == cfg.train.weight_decay and params.samples_per_class == 5 * expected[3]
+        assert params.adapter_bottleneck == 16 and params.adapter_momentum == 0.1 and params.ca_epochs == 30
+        assert cfg.train.scheduler == "cosine" and cfg.data.transform == "pilot" and cfg.data.mean == [0.0] * 3
     if cfg.method.name == "sd_lora":  # WuYichen-97/SD-Lora-CL exps/sdlora_c100.json, sdlora_inr.json
         expected = {"cifar100": (10, 0.008)}.get(recipe.parent.name, (20, 0.01))
         assert (cfg.scenario.increment, cfg.train.lr) == expected and cfg.method.params.rank == 10
@@ -116,7 +125,7 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
                                     "dualprompt", "coda_prompt", "joint", "linear_probe", "ewc", "online_ewc", "mas",
                                     "si", "lwf", "replay", "generative_replay", "packnet", "pnn", "pnn_adapter",
                                     "den", "ranpac", "fecam", "cofima", "aper", "aper_ssf", "aper_vpt",
-                                    "ease", "sd_lora"])
+                                    "ease", "mos", "sd_lora"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))
@@ -169,7 +178,7 @@ def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
         find_recipe("cifar100/_base")  # only extended, never run
     names = packaged_recipes()
     # 31 per paper benchmark, 29 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
-    assert len(names) == 4 * 31 + 29 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
+    assert len(names) == 4 * 32 + 30 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
     assert "demo/slca" in names and "digits/slca" in names and not any("_base" in n for n in names)
 
 

@@ -19,6 +19,7 @@ from .l2p import L2P
 from .joint import Joint
 from .linear_probe import LinearProbe
 from .lwf import LwF
+from .mos import MOS
 from .packnet import PackNet
 from .progressive import ProgressiveNetworks
 from .ranpac import RanPAC
@@ -32,11 +33,12 @@ from .slca_pp import SLCAPlusPlus
 # The state of the art on class statistics, each file following its official code: RanPAC/RanPAC RanPAC.py,
 # dipamgoswami/FeCAM FeCAM_vit_cifar100.py, IemProg/CoFiMA models/cofima.py, zhoudw-zdw/RevisitingCIL
 # models/aper_adapter.py (file and line per step in each module). Adapters grown per task on the frozen ViT:
-# sun-hailong/CVPR24-Ease models/ease.py, WuYichen-97/SD-Lora-CL models/sdlora.py.
+# sun-hailong/CVPR24-Ease models/ease.py, sun-hailong/AAAI25-MOS models/mos.py, WuYichen-97/SD-Lora-CL
+# models/sdlora.py.
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA, L2P, DualPrompt, CodaPrompt,
     EWC, MAS, SI, LwF, Replay, GenerativeFeatureReplay, PackNet, ProgressiveNetworks, DEN,
-    RanPAC, FeCAM, CoFiMA, APER, EASE, SDLoRA)}
+    RanPAC, FeCAM, CoFiMA, APER, EASE, MOS, SDLoRA)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
