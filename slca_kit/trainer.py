@@ -41,6 +41,7 @@ from .models import build_model
 from .models.adapters import adapter_state_dict
 from .models.hf_backbone import fill_image_settings
 from .monitor import EpochProgress, epoch_metrics, learning_rates, task_metrics
+from .parallelism import refuse_sharded_launch, refuse_sharded_state
 from .preemption import StopRequest, ignore_stop_signals
 from .provenance import collect as collect_provenance
 from .report import write_run_outputs
@@ -112,6 +113,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config.output_dir) / config.name
         train = config.train
+        refuse_sharded_launch()
         self.accelerator = Accelerator(
             # cpu=True also lets torchrun start gloo DDP on CPU-only machines (accelerate needs it for MULTI_CPU).
             cpu=train.cpu or not torch.cuda.is_available(),
@@ -124,6 +126,7 @@ class Trainer:
             project_dir=str(self.run_dir),
             step_scheduler_with_optimizer=False,  # schedules are per epoch
         )
+        refuse_sharded_state(self.accelerator.distributed_type)
         per_step = self.accelerator.num_processes * train.gradient_accumulation_steps
         if train.batch_size % per_step:
             raise ConfigError(f"train.batch_size: {train.batch_size} must divide by processes x accumulation "

@@ -167,3 +167,38 @@ def test_aper_ease_mos_prototypes_and_cofima_statistics_are_the_same_with_two_pr
         for key in keys:
             assert torch.allclose(one["method"][key].double(), two["method"][key].double(), atol=1e-5), (method, key)
         assert one["matrix"] == two["matrix"], method
+
+
+def test_an_fsdp_launch_is_refused_with_one_error_line_before_any_work(tiny_npz, tmp_path):
+    """``accelerate launch --use_fsdp`` sets ACCELERATE_USE_FSDP for the processes it starts; FSDP would shard what
+    the methods hook into."""
+    import os
+
+    flag, engine = "ACCELERATE_USE_FSDP", "FSDP"
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_npz, tmp_path / "runs"))
+    done = subprocess.run([sys.executable, "-m", "slca_kit", "train", str(recipe)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, flag: "true"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{engine} is not supported" in errors[0] and "Supported: one process, DDP" in errors[0]
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_only_one_process_and_ddp_are_accepted():
+    from accelerate.utils import DistributedType
+
+    from slca_kit.errors import ConfigError
+    from slca_kit.parallelism import refuse_sharded_launch, refuse_sharded_state
+
+    for accepted in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        refuse_sharded_state(accepted)
+    for refused, engine in ((DistributedType.FSDP, "FSDP"), (DistributedType.DEEPSPEED, "DeepSpeed"),
+                            (DistributedType.MEGATRON_LM, "Megatron-LM")):
+        with pytest.raises(ConfigError, match=f"{engine} is not supported"):
+            refuse_sharded_state(refused)
+    refuse_sharded_launch({"ACCELERATE_USE_FSDP": "false"})
+    # without the check, accelerate fails with a traceback where DeepSpeed is not installed
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported"):
+        refuse_sharded_launch({"ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(ConfigError, match="ACCELERATE_USE_MEGATRON_LM=1"):
+        refuse_sharded_launch({"ACCELERATE_USE_MEGATRON_LM": "1"})
