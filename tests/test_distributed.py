@@ -169,19 +169,18 @@ def test_aper_ease_mos_prototypes_and_cofima_statistics_are_the_same_with_two_pr
         assert one["matrix"] == two["matrix"], method
 
 
-def test_an_fsdp_launch_is_refused_with_one_error_line_before_any_work(tiny_npz, tmp_path):
+def test_an_fsdp_launch_is_refused_with_one_error_line_before_any_work(tiny_npz, tmp_path, monkeypatch, capsys):
     """``accelerate launch --use_fsdp`` sets ACCELERATE_USE_FSDP for the processes it starts; FSDP would shard what
     the methods hook into."""
-    import os
+    from slca_kit import cli
 
-    flag, engine = "ACCELERATE_USE_FSDP", "FSDP"
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_npz, tmp_path / "runs"))
-    done = subprocess.run([sys.executable, "-m", "slca_kit", "train", str(recipe)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, flag: "true"})
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"{engine} is not supported" in errors[0] and "Supported: one process, DDP" in errors[0]
-    assert not (tmp_path / "runs").exists()  # nothing was started
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert cli.main(["train", str(recipe)]) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "FSDP is not supported" in errors[0] and "Supported: one process, DDP" in errors[0]
+    assert "Traceback" not in stderr and not (tmp_path / "runs").exists()  # nothing was started
 
 
 def test_only_one_process_and_ddp_are_accepted():

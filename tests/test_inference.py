@@ -126,6 +126,20 @@ def _slca(*args, cwd):
                           timeout=300)
 
 
+def _slca_here(*args):
+    """The same command in this process (no interpreter start-up): exit status, stdout and stderr."""
+    import io
+    import types
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from slca_kit import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stderr(err), redirect_stdout(out):
+        status = cli.main(list(args))
+    return types.SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def test_cli_predict_and_export_and_their_errors(tiny_npz, tmp_path):
     recipe = tiny_recipe(tiny_npz, tmp_path / "runs", method="seq_ft_sl")
     recipe["train"]["epochs"] = 1
@@ -136,7 +150,7 @@ def test_cli_predict_and_export_and_their_errors(tiny_npz, tmp_path):
     for i in range(3):
         Image.fromarray(images[i]).save(folder / f"{i}.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    empty = _slca("predict", str(tmp_path / "runs" / "tiny_seq_ft_sl"), str(folder), cwd=tmp_path)
+    empty = _slca_here("predict", str(tmp_path / "runs" / "tiny_seq_ft_sl"), str(folder))
     assert empty.returncode == 2 and empty.stderr.startswith("error: ") and "Traceback" not in empty.stderr
     assert _slca("train", str(path), cwd=tmp_path).returncode == 0
     run_dir = str(tmp_path / "runs" / "tiny_seq_ft_sl")
@@ -145,16 +159,16 @@ def test_cli_predict_and_export_and_their_errors(tiny_npz, tmp_path):
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.count("class_") == 2 for line in lines)
     assert lines[0].startswith(f"{folder / '0.png'}: class_")
-    bad = _slca("predict", run_dir, str(tmp_path / "broken.png"), cwd=tmp_path)
+    bad = _slca_here("predict", run_dir, str(tmp_path / "broken.png"))
     assert bad.returncode == 2 and "broken.png: cannot read it as an image" in bad.stderr
     assert bad.stderr.count("\n") == 1
-    first = _slca("export", run_dir, str(tmp_path / "out"), cwd=tmp_path)
+    first = _slca_here("export", run_dir, str(tmp_path / "out"))
     assert first.returncode == 0, first.stderr
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
-    second = _slca("export", run_dir, str(tmp_path / "out"), cwd=tmp_path)
+    second = _slca_here("export", run_dir, str(tmp_path / "out"))
     assert second.returncode == 2 and "already exists; export writes a new folder" in second.stderr
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
-    from_export = _slca("predict", str(tmp_path / "out"), str(folder), "--top-k", "2", cwd=tmp_path)
+    from_export = _slca_here("predict", str(tmp_path / "out"), str(folder), "--top-k", "2")
     assert from_export.stdout == done.stdout
 
 
