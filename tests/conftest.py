@@ -148,3 +148,18 @@ def record_after_each_task(trainer, state_of) -> list:
 
 def cloned_state(module) -> dict:
     return {key: value.clone() for key, value in module.state_dict().items()}
+
+
+def run_cli_here(*args: str):
+    """``slca ARGS`` in this process (no interpreter start-up): its exit status, stdout and stderr, as
+    ``subprocess.run`` would give them."""
+    import io
+    import types
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from slca_kit import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stderr(err), redirect_stdout(out):
+        status = cli.main(list(args))
+    return types.SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())

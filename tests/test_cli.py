@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import tiny_recipe, write_recipe
+from conftest import run_cli_here, tiny_recipe, write_recipe
 
 
 def _slca(*args, cwd):
@@ -36,9 +36,9 @@ def test_train_eval_report(tiny_npz, tmp_path):
 def test_resume_flag_continues_a_finished_run(tiny_npz, tmp_path):
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_npz, tmp_path / "runs"))
     assert _slca("train", str(recipe), "train.epochs=1", cwd=tmp_path).returncode == 0
-    again = _slca("train", str(recipe), "train.epochs=1", cwd=tmp_path)
+    again = run_cli_here("train", str(recipe), "train.epochs=1")
     assert again.returncode == 2 and "pass --resume" in again.stderr
-    resumed = _slca("train", str(recipe), "train.epochs=1", "--resume", cwd=tmp_path)
+    resumed = run_cli_here("train", str(recipe), "train.epochs=1", "--resume")
     assert resumed.returncode == 0, resumed.stderr
 
 
@@ -49,8 +49,9 @@ def test_resume_flag_continues_a_finished_run(tiny_npz, tmp_path):
     ("backbone.name=vit_nonexistent", "error: backbone.name: 'vit_nonexistent' is not a timm model"),
 ])
 def test_user_errors_are_one_line(tiny_npz, tmp_path, override, expected):
+    """In this process: an exception escaping the CLI would fail the test with its traceback."""
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tiny_npz, tmp_path / "runs"))
-    done = _slca("train", str(recipe), override, cwd=tmp_path)
+    done = run_cli_here("train", str(recipe), override)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(expected)
     assert "Traceback" not in done.stderr
@@ -77,10 +78,9 @@ def test_seeds_run_sibling_folders_and_report_averages_them(tiny_npz, tmp_path):
             for s in (1993, 1996, 7)]
     assert [r["config"]["scenario"]["class_order_seed"] for r in runs] == [1993, 1996, 7]
     assert len({tuple(r["class_order"]) for r in runs}) == 3
-    again = _slca("train", str(recipe), "train.epochs=1", "--seeds", "1993", "1996", "7", cwd=tmp_path)
+    again = run_cli_here("train", str(recipe), "train.epochs=1", "--seeds", "1993", "1996", "7")
     assert again.stdout.count("complete, skipped") == 3
-    reported = _slca("report", *[str(tmp_path / "runs" / f"tiny_seq_ft_seed{s}") for s in (1993, 1996, 7)],
-                     cwd=tmp_path)
+    reported = run_cli_here("report", *[str(tmp_path / "runs" / f"tiny_seq_ft_seed{s}") for s in (1993, 1996, 7)])
     assert reported.returncode == 0, reported.stderr
     last = [r["last_acc"] for r in runs]
     mean = sum(last) / 3

@@ -17,7 +17,7 @@ from slca_kit.methods import METHODS
 from slca_kit.resolve import config_from_dict
 from slca_kit.trainer import Trainer
 
-from conftest import tiny_recipe, write_recipe
+from conftest import run_cli_here, tiny_recipe, write_recipe
 
 NEEDS = {"slca_pp": {"adapter": {"type": "lora", "r": 4, "lora_alpha": 3.2, "train_backbone": ["norm", "bias"]}}}
 PARAMS = {"dualprompt": {"g_layers": [0], "e_layers": [1], "e_pool_size": 3},
@@ -126,20 +126,6 @@ def _slca(*args, cwd):
                           timeout=300)
 
 
-def _slca_here(*args):
-    """The same command in this process (no interpreter start-up): exit status, stdout and stderr."""
-    import io
-    import types
-    from contextlib import redirect_stderr, redirect_stdout
-
-    from slca_kit import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stderr(err), redirect_stdout(out):
-        status = cli.main(list(args))
-    return types.SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
-
-
 def test_cli_predict_and_export_and_their_errors(tiny_npz, tmp_path):
     recipe = tiny_recipe(tiny_npz, tmp_path / "runs", method="seq_ft_sl")
     recipe["train"]["epochs"] = 1
@@ -150,7 +136,7 @@ def test_cli_predict_and_export_and_their_errors(tiny_npz, tmp_path):
     for i in range(3):
         Image.fromarray(images[i]).save(folder / f"{i}.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    empty = _slca_here("predict", str(tmp_path / "runs" / "tiny_seq_ft_sl"), str(folder))
+    empty = run_cli_here("predict", str(tmp_path / "runs" / "tiny_seq_ft_sl"), str(folder))
     assert empty.returncode == 2 and empty.stderr.startswith("error: ") and "Traceback" not in empty.stderr
     assert _slca("train", str(path), cwd=tmp_path).returncode == 0
     run_dir = str(tmp_path / "runs" / "tiny_seq_ft_sl")
@@ -159,16 +145,16 @@ def test_cli_predict_and_export_and_their_errors(tiny_npz, tmp_path):
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.count("class_") == 2 for line in lines)
     assert lines[0].startswith(f"{folder / '0.png'}: class_")
-    bad = _slca_here("predict", run_dir, str(tmp_path / "broken.png"))
+    bad = run_cli_here("predict", run_dir, str(tmp_path / "broken.png"))
     assert bad.returncode == 2 and "broken.png: cannot read it as an image" in bad.stderr
     assert bad.stderr.count("\n") == 1
-    first = _slca_here("export", run_dir, str(tmp_path / "out"))
+    first = run_cli_here("export", run_dir, str(tmp_path / "out"))
     assert first.returncode == 0, first.stderr
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
-    second = _slca_here("export", run_dir, str(tmp_path / "out"))
+    second = run_cli_here("export", run_dir, str(tmp_path / "out"))
     assert second.returncode == 2 and "already exists; export writes a new folder" in second.stderr
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
-    from_export = _slca_here("predict", str(tmp_path / "out"), str(folder), "--top-k", "2")
+    from_export = run_cli_here("predict", str(tmp_path / "out"), str(folder), "--top-k", "2")
     assert from_export.stdout == done.stdout
 
 
