@@ -4,20 +4,41 @@ Stage = class statistics (mean + covariance of each class's features) + Gaussian
 at 200 classes x 768-d (ImageNet-R / CUB after the last task), 5 CA epochs, 256 samples per class.
 The reference (slca.md, Stage 2) builds a ``MultivariateNormal`` per class per epoch in a Python loop; slca_kit
 factors every covariance once (batched Cholesky) and samples all classes with one batched matmul.
-Prints each stage's seconds and the ratio reference / slca_kit. Usage: python benchmarks/ca_stage.py [--classes N]
+Prints the seconds of each path's parts (statistics, factorisation, sampling, head training) and the ratio
+reference / slca_kit of the whole stage. Usage: python benchmarks/ca_stage.py [--classes N]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from torch.distributions import MultivariateNormal
 
+from slca_kit import alignment
 from slca_kit.alignment import (AlignmentSettings, ClassMoments, align_classifier, cholesky_with_jitter,
                                 normalized_logits, shrink_factors)
 from slca_kit.models.heads import IncrementalHead
+
+PARTS = ("statistics", "factorisation", "sampling", "head training")
+
+
+class Clock:
+    """Seconds spent in named parts of one path."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
 
 
 def make_features(classes: int, per_class: int, dim: int, generator: torch.Generator):
@@ -37,13 +58,15 @@ def make_head(dim: int, task_sizes: list[int]) -> IncrementalHead:
     return head
 
 
-def reference_stage(features, labels, classes, task_sizes, settings, task_ids, current_task):
-    """Per-class torch.cov, then per class per epoch a MultivariateNormal, as the reference code does."""
-    means, covs = [], []
-    for c in range(classes):
-        own = features[labels == c].double()
-        means.append(own.mean(0))
-        covs.append((torch.cov(own.T) + 1e-4 * torch.eye(own.shape[1], dtype=torch.float64)).float())
+def reference_stage(features, labels, classes, task_sizes, settings, task_ids, current_task, clock):
+    """Per-class torch.cov, then per class per epoch a MultivariateNormal (its constructor factors the covariance),
+    as the reference code does."""
+    with clock.part("statistics"):
+        means, covs = [], []
+        for c in range(classes):
+            own = features[labels == c].double()
+            means.append(own.mean(0))
+            covs.append((torch.cov(own.T) + 1e-4 * torch.eye(own.shape[1], dtype=torch.float64)).float())
     head = make_head(features.shape[1], task_sizes)
     optimizer = torch.optim.SGD(head.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
@@ -52,28 +75,45 @@ def reference_stage(features, labels, classes, task_sizes, settings, task_ids, c
         data, target = [], []
         for c in range(classes):
             decay = (task_ids[c].item() + 1) / (current_task + 1) * 0.1
-            m = MultivariateNormal((means[c] * (0.9 + decay)).float(), covs[c])
-            data.append(m.sample((settings.samples_per_class,)))
+            with clock.part("factorisation"):
+                m = MultivariateNormal((means[c] * (0.9 + decay)).float(), covs[c])
+            with clock.part("sampling"):
+                data.append(m.sample((settings.samples_per_class,)))
             target.extend([c] * settings.samples_per_class)
-        data, target = torch.cat(data), torch.tensor(target)
-        order = torch.randperm(len(data))
-        data, target = data[order], target[order]
-        for start in range(0, len(data), settings.batch_size):
-            logits = normalized_logits(head(data[start:start + settings.batch_size]), task_sizes, settings.tau)
-            loss = F.cross_entropy(logits, target[start:start + settings.batch_size])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
+        with clock.part("head training"):
+            data, target = torch.cat(data), torch.tensor(target)
+            order = torch.randperm(len(data))
+            data, target = data[order], target[order]
+            for start in range(0, len(data), settings.batch_size):
+                logits = normalized_logits(head(data[start:start + settings.batch_size]), task_sizes, settings.tau)
+                loss = F.cross_entropy(logits, target[start:start + settings.batch_size])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
 
 
-def slca_kit_stage(features, labels, classes, task_sizes, settings, task_ids, current_task):
-    moments = ClassMoments.from_features(features, labels, list(range(classes)))
-    means, covs = moments.gaussians(1e-4)
-    chol, _ = cholesky_with_jitter(covs)
+def slca_kit_stage(features, labels, classes, task_sizes, settings, task_ids, current_task, clock):
+    with clock.part("statistics"):
+        moments = ClassMoments.from_features(features, labels, list(range(classes)))
+        means, covs = moments.gaussians(1e-4)
+    with clock.part("factorisation"):
+        chol, _ = cholesky_with_jitter(covs)
     head = make_head(features.shape[1], task_sizes)
-    align_classifier(head, means, chol, task_ids, current_task, task_sizes, settings,
-                     torch.Generator().manual_seed(0))
+    sample = alignment.sample_gaussians
+
+    def timed_sample(*args, **kwargs):
+        with clock.part("sampling"):
+            return sample(*args, **kwargs)
+
+    alignment.sample_gaussians = timed_sample  # align_classifier looks it up at call time
+    try:
+        with clock.part("alignment loop"):
+            align_classifier(head, means, chol, task_ids, current_task, task_sizes, settings,
+                             torch.Generator().manual_seed(0))
+    finally:
+        alignment.sample_gaussians = sample
+    clock.seconds["head training"] = clock.seconds.pop("alignment loop") - clock.seconds["sampling"]
 
 
 def main() -> None:
@@ -94,10 +134,12 @@ def main() -> None:
     timings = {}
     for name, stage in (("reference loop", reference_stage), ("slca_kit batched", slca_kit_stage)):
         torch.manual_seed(0)
+        clock = Clock()
         start = time.perf_counter()
-        stage(features, labels, args.classes, task_sizes, settings, task_ids, current)
+        stage(features, labels, args.classes, task_sizes, settings, task_ids, current, clock)
         timings[name] = time.perf_counter() - start
-        print(f"{name:18s} {timings[name]:8.2f} s")
+        parts = "  ".join(f"{part} {clock.seconds[part]:6.2f}" for part in PARTS)
+        print(f"{name:18s} {timings[name]:8.2f} s   ({parts})")
     print(f"{args.classes} classes x {args.dim}-d, {torch.get_num_threads()} threads: "
           f"speed-up {timings['reference loop'] / timings['slca_kit batched']:.2f}x")
 

@@ -49,10 +49,12 @@ class ClassMoments:
             raise ValueError(f"classes at positions {bad} have fewer than 2 training samples: no covariance")
         n = self.counts[:, None]
         mean = self.sums / n
-        cov = (self.outer - n[:, :, None] * mean[:, :, None] * mean[:, None, :]) / (n[:, :, None] - 1)
-        cov = 0.5 * (cov + cov.transpose(1, 2))
-        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-        return mean, cov + ridge * eye
+        # two [K, d, d] allocations, the rest in place: at 200 x 768 each pass is 0.9 GB of float64
+        cov = torch.baddbmm(self.outer, (n * mean)[:, :, None], mean[:, None, :], alpha=-1)
+        cov.div_((n - 1)[:, :, None])
+        cov = (cov + cov.transpose(1, 2)).mul_(0.5)
+        cov.diagonal(dim1=-2, dim2=-1).add_(ridge)
+        return mean, cov
 
 
 def cholesky_with_jitter(covs: torch.Tensor, max_tries: int = 6) -> tuple[torch.Tensor, float]:

@@ -31,6 +31,7 @@ def test_moments_match_torch_cov_plus_ridge():
         assert torch.allclose(means[k], members.mean(0), atol=1e-12)
         expected = torch.cov(members.T) + 1e-4 * torch.eye(5, dtype=torch.float64)
         assert torch.allclose(covs[k], expected, atol=1e-10)
+    assert torch.equal(covs, covs.transpose(1, 2))  # exactly symmetric
 
 
 def test_moments_of_shards_add_up_to_the_whole():
