@@ -1,4 +1,6 @@
-"""Frozen pretrained backbone: a linear head per task, or SimpleCIL-style class prototypes (cosine classifier)."""
+"""Frozen pretrained backbone: a linear head per task, or SimpleCIL-style class prototypes (cosine classifier):
+zhoudw-zdw/RevisitingCIL models/simplecil.py:27-49 (``replace_fc``: each class's mean training feature under the
+test transform becomes its row of a ``CosineLinear``, convs/linears.py:55-63, sigma 1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """Class prototypes, for the methods that classify by cosine similarity to them (linear_probe with ``prototypes``,
-APER, EASE)."""
+APER, EASE, MOS): zhoudw-zdw/RevisitingCIL models/simplecil.py:27-49 ``replace_fc`` (the mean feature of each class)
+and convs/linears.py:55-63 ``CosineLinear.forward`` (cosine of normalised features and rows, times sigma = 1)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -25,5 +26,5 @@ def class_means(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: l
 
 
 def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of each feature to each prototype (PyCIL's ``CosineLinear`` with its scale at 1)."""
+    """Cosine similarity of each feature to each prototype (RevisitingCIL convs/linears.py:55-63, sigma 1)."""
     return F.normalize(features, dim=1) @ F.normalize(prototypes.to(features.device), dim=1).T
