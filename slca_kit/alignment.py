@@ -3,6 +3,7 @@ across processes, a batched Gaussian sampler, logit normalization, and the head 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,22 +129,38 @@ def align_classifier(head: nn.Module, means: torch.Tensor, chol: torch.Tensor, c
     ``batch_size``. Returns the mean loss per epoch."""
     for parameter in head.parameters():
         parameter.requires_grad_(True)
-    optimizer = torch.optim.SGD(head.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
     scale = shrink_factors(class_task_ids, current_task) if settings.mean_shrink else torch.ones_like(means[:, 0])
     shifted = (means * scale[:, None].to(means)).float()
     chol = chol.float()
-    epoch_losses = []
-    for epoch in range(settings.epochs):
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = sample_gaussians(shifted, chol, settings.samples_per_class, generator)
         if settings.age_scale is not None:
             inputs = inputs / age_divisors(class_task_ids[targets], current_task, settings, generator)[:, None]
+        return inputs, targets
+
+    return train_on_samples(head, list(head.named_parameters()), draw, current_task, task_sizes, settings, generator)
+
+
+def train_on_samples(forward: Callable[[torch.Tensor], torch.Tensor], named_parameters: list[tuple[str, nn.Parameter]],
+                     draw: Callable[[], tuple[torch.Tensor, torch.Tensor]], current_task: int, task_sizes: list[int],
+                     settings: AlignmentSettings, generator: torch.Generator,
+                     batches_per_epoch: int | None = None) -> list[float]:
+    """The alignment loop on drawn features: per epoch ``draw()`` fresh (features, targets), shuffle them, and take
+    SGD steps on batches of ``settings.batch_size`` (only the first ``batches_per_epoch`` when set), logits
+    normalised when ``settings.tau`` is set; cosine lr stepped per epoch. Returns the mean loss per epoch."""
+    optimizer = torch.optim.SGD([p for _, p in named_parameters], lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    epoch_losses = []
+    for epoch in range(settings.epochs):
+        inputs, targets = draw()
         order = torch.randperm(inputs.shape[0], generator=generator, device=inputs.device)
         inputs, targets = inputs[order], targets[order]
+        starts = range(0, inputs.shape[0], settings.batch_size)
         losses = []
-        for step, start in enumerate(range(0, inputs.shape[0], settings.batch_size)):
-            logits = head(inputs[start:start + settings.batch_size])
+        for step, start in enumerate(starts[:batches_per_epoch]):
+            logits = forward(inputs[start:start + settings.batch_size])
             if settings.tau is not None:
                 logits = normalized_logits(logits, task_sizes, settings.tau)
             loss = F.cross_entropy(logits, targets[start:start + settings.batch_size])
@@ -153,7 +170,7 @@ def align_classifier(head: nn.Module, means: torch.Tensor, chol: torch.Tensor, c
             optimizer.step()
             losses.append(loss.item())
         scheduler.step()
-        ensure_finite_tensors(head.named_parameters(), "aligned head parameter", "classifier alignment",
+        ensure_finite_tensors(named_parameters, "aligned head parameter", "classifier alignment",
                               current_task, epoch, hint=ALIGNMENT_HINT)
         epoch_losses.append(sum(losses) / len(losses))
     return epoch_losses

@@ -103,6 +103,7 @@ def inference_context(task: int, scenario: Scenario, config: Config, device: tor
     unavailable = None  # training-time callbacks (features of the training data, process reductions)
     return TaskContext(task=task, scenario=scenario, config=config, accelerator=SimpleNamespace(device=device),
                        extract_features=unavailable, gather_features=unavailable, iterate_images=unavailable,
+                       iterate_training_images=unavailable,
                        reduce_sum=lambda tensor: tensor, timer=None)
 
 

@@ -197,6 +197,28 @@ class Trainer:
         for images, labels in self._loader(self._shard(dataset), batch_size):
             yield images.to(self.accelerator.device), labels.to(self.accelerator.device)
 
+    def iterate_training_images(self, classes: list[int], batch_size: int, epoch: int):
+        """One epoch of the training split's images of ``classes``, TRAIN transform, in an order and augmentation
+        drawn from (seed, task, epoch) apart from the main loop's: each global batch of ``batch_size`` is shared out
+        (every num_processes-th image), so a process's share may be empty; (images, labels) on the device."""
+        seed = self.config.train.seed * 1_000 + self._task
+        dataset = TaskDataset(self.data.train, self.label_map, classes, self.train_transform, augment_seed=seed)
+        dataset.set_epoch(100_000 + epoch)  # epochs numbered after any main loop's
+        sampler = EpochShuffleSampler(len(dataset), seed)
+        sampler.set_epoch(100_000 + epoch)
+        order = list(sampler)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        shares = [order[start:start + batch_size][rank::world] for start in range(0, len(order), batch_size)]
+        loaded = iter(self._loader(dataset, 1, batch_sampler=[share for share in shares if share]))
+        device = self.accelerator.device
+        size = self.config.data.image_size
+        for share in shares:
+            if share:
+                images, labels = next(loaded)
+                yield images.to(device), labels.to(device)
+            else:
+                yield torch.zeros(0, 3, size, size, device=device), torch.zeros(0, dtype=torch.long, device=device)
+
     @torch.no_grad()
     def _extract(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features (float32, full precision), labels and split indices of this process's shard of ``split`` for
@@ -237,7 +259,7 @@ class Trainer:
     def context(self, task: int) -> TaskContext:
         return TaskContext(task=task, scenario=self.scenario, config=self.config, accelerator=self.accelerator,
                            extract_features=self.extract_features, gather_features=self.gather_features,
-                           iterate_images=self.iterate_images,
+                           iterate_images=self.iterate_images, iterate_training_images=self.iterate_training_images,
                            reduce_sum=self._reduce_sum, timer=self._timer)
 
     # -- the loop ---------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def test_list_names_methods_benchmarks_and_recipes_with_their_targets(tmp_path):
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.startswith("  ")}
     # every packaged recipe (with cifar100/slca_hf_vit, the 3 demo recipes and digits/slca), by the name
     # `slca train` takes
-    assert len(lines) == 4 * 32 + 30 + 1 + 3 + 1 and lines["demo/slca"].strip() == "demo/slca"
+    assert len(lines) == 4 * 33 + 31 + 1 + 3 + 1 and lines["demo/slca"].strip() == "demo/slca"
     assert lines["cifar100/slca"].endswith("slca_table1: Last 91.53±0.28, Inc 94.09±0.87")
     assert lines["imagenet_r/dualprompt"].endswith(
         "slca_table1: Last 68.5±0.52, Inc 72.59±0.24; method_papers: Last 68.13")

@@ -169,6 +169,23 @@ def test_aper_ease_mos_prototypes_and_cofima_statistics_are_the_same_with_two_pr
         assert one["matrix"] == two["matrix"], method
 
 
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
+def test_hide_prompt_task_identity_training_and_statistics_are_the_same_with_two_processes(odd_npz, tmp_path):
+    """The task-identity classifier trains on shares of each batch with gradients summed by hand (batches of 11 of a
+    task's 45 images: the last batch of 1 leaves the second process an empty share); k-means runs on features
+    gathered on every process."""
+    recipe = tiny_recipe(odd_npz, tmp_path / "runs", method="hide_prompt",
+                         scenario={"increment": 3, "class_order_seed": 1993}, backbone={"replace_final_norm": False})
+    recipe["method"]["params"] = {"e_layers": [0, 1], "centroids": 3, "ca_epochs": 1, "tii_epochs": 2,
+                                  "tii_batch_size": 11, "tii_lr": 0.01, "ca_samples_per_centroid": 8}
+    path = write_recipe(tmp_path / "hide_prompt.yaml", recipe)
+    one, two = _one_and_two_processes(path, tmp_path)
+    assert np.allclose(one["method"]["identity_losses"], two["method"]["identity_losses"], rtol=1e-4)
+    for key in ("prompt_statistics", "identity_statistics"):
+        assert torch.allclose(one["method"][key]["means"], two["method"][key]["means"], atol=1e-5), key
+    assert one["matrix"] == two["matrix"]
+
+
 def test_an_fsdp_launch_is_refused_with_one_error_line_before_any_work(tiny_npz, tmp_path, monkeypatch, capsys):
     """``accelerate launch --use_fsdp`` sets ACCELERATE_USE_FSDP for the processes it starts; FSDP would shard what
     the methods hook into."""

@@ -23,7 +23,8 @@ NEEDS = {"slca_pp": {"adapter": {"type": "lora", "r": 4, "lora_alpha": 3.2, "tra
 PARAMS = {"dualprompt": {"g_layers": [0], "e_layers": [1], "e_pool_size": 3},
           "coda_prompt": {"pool_size": 6, "length": 4, "layers": [0, 1]}, "packnet": {"retrain_epochs": 1},
           # M 10000: 17 solves of 10000 x 10000 a task; the first-session modules not covered by resume tests
-          "ranpac": {"projection_dim": 64, "first_session": "vpt_deep"}, "aper": {"first_session": "ssf"}}
+          "ranpac": {"projection_dim": 64, "first_session": "vpt_deep"}, "aper": {"first_session": "ssf"},
+          "hide_prompt": {"e_layers": [0, 1], "centroids": 3, "ca_epochs": 2, "tii_epochs": 2}}
 
 
 def _train(npz, tmp_path, method, **sections):

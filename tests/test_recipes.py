@@ -43,9 +43,12 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
         in1k = (cfg.method.name == "ranpac" and recipe.parent.name in ("cub200", "imagenet_r")  # args/*_publish.csv
                 or cfg.method.name == "sd_lora")  # "vit_base_patch16_224" (exps/sdlora_*.json)
         expected = ("google/vit-base-patch16-224-in21k" if recipe.stem == "slca_hf_vit"
-                    else "vit_base_patch16_224.augreg_in21k_ft_in1k" if in1k else "vit_base_patch16_224.augreg_in21k")
+                    else "vit_base_patch16_224.augreg_in21k_ft_in1k" if in1k
+                    else "vit_base_patch16_224.orig_in21k" if cfg.method.name == "hide_prompt"  # ViT-B_16.npz
+                    else "vit_base_patch16_224.augreg_in21k")
         assert cfg.backbone.name == expected and cfg.backbone.pretrained
-        if cfg.method.name not in ("l2p", "dualprompt", "ranpac", "aper", "ease", "mos", "sd_lora"):  # own epochs
+        if cfg.method.name not in ("l2p", "dualprompt", "ranpac", "aper", "ease", "mos", "sd_lora",
+                                   "hide_prompt"):  # own epochs
             assert cfg.train.epochs == (20 if recipe.parent.name == "cifar100" else 50)
     if cfg.method.name == "ranpac":  # RanPAC/RanPAC args/*_publish.csv row 7
         assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.weight_decay) == (20, 48, 0.01, 5e-4)
@@ -90,6 +93,18 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
         assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.weight_decay, cfg.train.scheduler) == (
             20, 128, 0.0, "constant")
         assert cfg.method.params.rank_reduction == [] and cfg.data.mean == [0.0] * 3
+    if cfg.method.name == "hide_prompt":  # thu-ml/HiDe-Prompt training_scripts/train_{cifar100,imr,cub}_vit.sh
+        expected = {"cifar100": (5, 0.1, 0.1, 50, "multistep", 4.6875e-5), "imagenet_r": (20, 0.5, 0.1, 150, "cosine",
+                                                                                          4.6875e-5),
+                    "cub200": (20, 0.01, 1.0, 50, "multistep", 0.0009375)}.get(recipe.parent.name)
+        params = cfg.method.params
+        assert (params.e_length, params.orthogonality_weight, params.head_lr_scale, cfg.train.epochs,
+                cfg.train.scheduler, params.tii_lr) == (expected or (20, 0.01, 1.0, 50, "multistep", 0.0009375))
+        assert cfg.train.lr == pytest.approx(0.03 * 24 / 256) and cfg.train.batch_size == 24
+        assert cfg.train.milestones == [31] or cfg.train.scheduler == "cosine"
+        assert params.tii_ca_lr == pytest.approx(0.005 * 24 / 256) and params.ca_lr == 0.005
+        assert params.statistics == "multi_centroid" and params.centroids == 10 and params.prompt_momentum == 0.01
+        assert cfg.scenario.class_order_seed is None and cfg.train.grad_clip == 1.0
     if cfg.method.name == "fecam":  # dipamgoswami/FeCAM FeCAM_vit_*.py
         cifar = recipe.parent.name == "cifar100"
         assert (cfg.method.params.shrink_diagonal, cfg.method.params.shrink_off_diagonal) == ((1.0, 0.0) if cifar
@@ -125,7 +140,7 @@ def test_paper_recipes_resolve(recipe, tmp_path, monkeypatch):
                                     "dualprompt", "coda_prompt", "joint", "linear_probe", "ewc", "online_ewc", "mas",
                                     "si", "lwf", "replay", "generative_replay", "packnet", "pnn", "pnn_adapter",
                                     "den", "ranpac", "fecam", "cofima", "aper", "aper_ssf", "aper_vpt",
-                                    "ease", "mos", "sd_lora"])
+                                    "ease", "mos", "sd_lora", "hide_prompt"])
 def test_proxy_recipes_resolve(method, monkeypatch):
     shared = shared_path()
     monkeypatch.setenv("SLCA_SHARED", str(shared))
@@ -177,8 +192,8 @@ def test_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no packaged recipe"):
         find_recipe("cifar100/_base")  # only extended, never run
     names = packaged_recipes()
-    # 31 per paper benchmark, 29 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
-    assert len(names) == 4 * 32 + 30 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
+    # 33 per paper benchmark, 31 proxy, cifar100/slca_hf_vit, 3 demo, digits/slca
+    assert len(names) == 4 * 33 + 31 + 1 + 3 + 1 and "imagenet_r/slca_pp" in names
     assert "demo/slca" in names and "digits/slca" in names and not any("_base" in n for n in names)
 
 

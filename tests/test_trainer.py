@@ -23,7 +23,8 @@ def _trainer(tiny_npz, tmp_path, method="slca", params=None, **sections):
 NEEDS = {"slca_pp": {"adapter": {"type": "lora", "r": 4, "lora_alpha": 3.2, "train_backbone": ["norm", "bias"]}}}
 TINY_PARAMS = {"dualprompt": {"g_layers": [0], "e_layers": [1], "e_pool_size": 3},
                "coda_prompt": {"pool_size": 6, "length": 4, "layers": [0, 1]},
-               "ranpac": {"projection_dim": 64}}  # M 10000: 17 solves of 10000 x 10000 a task (minutes on a CPU)
+               "ranpac": {"projection_dim": 64},  # M 10000: 17 solves of 10000 x 10000 a task (minutes on a CPU)
+               "hide_prompt": {"e_layers": [0, 1], "centroids": 3, "ca_epochs": 2, "tii_epochs": 2}}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -14,6 +14,7 @@ from .dualprompt import DualPrompt
 from .ease import EASE
 from .fecam import FeCAM
 from .generative_replay import GenerativeFeatureReplay
+from .hide_prompt import HiDePrompt
 from .inflora import InfLoRA
 from .l2p import L2P
 from .joint import Joint
@@ -34,11 +35,11 @@ from .slca_pp import SLCAPlusPlus
 # dipamgoswami/FeCAM FeCAM_vit_cifar100.py, IemProg/CoFiMA models/cofima.py, zhoudw-zdw/RevisitingCIL
 # models/aper_adapter.py (file and line per step in each module). Adapters grown per task on the frozen ViT:
 # sun-hailong/CVPR24-Ease models/ease.py, sun-hailong/AAAI25-MOS models/mos.py, WuYichen-97/SD-Lora-CL
-# models/sdlora.py.
+# models/sdlora.py. Prompts with a task-identity classifier: thu-ml/HiDe-Prompt engines/*.py.
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     SeqFT, SeqFTSlowLearner, SLCA, SLCAPlusPlus, Joint, LinearProbe, InfLoRA, L2P, DualPrompt, CodaPrompt,
     EWC, MAS, SI, LwF, Replay, GenerativeFeatureReplay, PackNet, ProgressiveNetworks, DEN,
-    RanPAC, FeCAM, CoFiMA, APER, EASE, MOS, SDLoRA)}
+    RanPAC, FeCAM, CoFiMA, APER, EASE, MOS, SDLoRA, HiDePrompt)}
 
 
 def register_method(cls: type[Method]) -> type[Method]:

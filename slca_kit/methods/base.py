@@ -42,6 +42,10 @@ class TaskContext:
     gather_features: Callable[[list[int], str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     # (classes, split, batch_size) -> batches of (images, labels) on the device: this process's shard, TEST transform
     iterate_images: Callable[[list[int], str, int], Any]
+    # (classes, batch_size, epoch) -> one epoch of the training split's images of ``classes`` with the TRAIN transform,
+    # shuffled by epoch, in batches of batch_size over all processes: this process's share of each batch (may be
+    # empty) as (images, labels) on the device. For a method's own training phase (HiDe-Prompt's task-identity head).
+    iterate_training_images: Callable[[list[int], int, int], Any]
     reduce_sum: Callable[[torch.Tensor], torch.Tensor]
     timer: Callable[[str], Any]
 
