@@ -8,11 +8,13 @@ the model (the reference's ``fc.backup()`` / ``fc.recall()``), unless ``keep_ali
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from ..alignment import AlignmentSettings, ClassMoments, align_classifier, cholesky_with_jitter
+from ..alignment import AlignmentSettings, ClassMoments, LowRankCovariances, align_classifier, cholesky_with_jitter
+from ..errors import ConfigError
 from ..models.heads import IncrementalHead
 from .base import Method, TaskContext, require_positive
 
@@ -33,14 +35,21 @@ class SLCA(Method):
         cov_ridge: float = 1e-4  # torch.cov + 1e-4 * I (slca.md, Class statistics)
         mean_shrink: bool = True  # older tasks' means shrink toward 0.9x (slca.md, Stage 2)
         keep_aligned_heads: bool = False  # reference restores the stage-1 heads after each task
+        # full: each class's d x d covariance, as the reference. lowrank: its covariance_rank largest eigenpairs plus
+        # the diagonal of the rest, drawn from without a Cholesky factor (slca_kit's option, not the reference's)
+        covariance: str = "full"
+        covariance_rank: int = 64
 
         def __post_init__(self):
-            require_positive(self, "samples_per_class", "ca_batch_size", "logit_norm_tau")
+            require_positive(self, "samples_per_class", "ca_batch_size", "logit_norm_tau", "covariance_rank")
+            if self.covariance not in ("full", "lowrank"):
+                raise ConfigError(f"method.params.covariance: {self.covariance!r}; expected 'full' or 'lowrank'")
 
     def __init__(self, params, config):
         super().__init__(params, config)
         self.means = torch.zeros(0, 0, dtype=torch.float64)  # [seen, d], float64 as in the reference
-        self.covs = torch.zeros(0, 0, 0)  # [seen, d, d], float32 as in the reference
+        self.covs = torch.zeros(0, 0, 0)  # [seen, d, d], float32 as in the reference (covariance: full)
+        self.lowrank: LowRankCovariances | None = None  # float32 (covariance: lowrank)
         self.aligned_head: IncrementalHead | None = None
         self.alignment_losses: list[list[float]] = []
 
@@ -68,18 +77,22 @@ class SLCA(Method):
         moments = ClassMoments.from_features(features, labels, classes)
         moments = ClassMoments(*(ctx.reduce_sum(t) for t in (moments.counts, moments.sums, moments.outer)))
         means, covs = moments.gaussians(self.params.cov_ridge)
-        if self.means.numel() == 0:
-            self.means, self.covs = means.cpu(), covs.float().cpu()
+        self.means = means.cpu() if self.means.numel() == 0 else torch.cat([self.means, means.cpu()])
+        if self.params.covariance == "lowrank":
+            new = LowRankCovariances.from_covariances(covs, self.params.covariance_rank).float().to("cpu")
+            self.lowrank = new if self.lowrank is None else self.lowrank.cat(new)
         else:
-            self.means = torch.cat([self.means, means.cpu()])
-            self.covs = torch.cat([self.covs, covs.float().cpu()])
+            self.covs = covs.float().cpu() if self.covs.numel() == 0 else torch.cat([self.covs, covs.float().cpu()])
 
     def _align(self, model, ctx: TaskContext) -> None:
         params = self.params
         device = ctx.device
-        chol, jitter = cholesky_with_jitter(self.covs.to(device, torch.float64))
-        if jitter > 0:
-            ctx.log(f"task {ctx.task}: a class covariance was not positive definite; added jitter {jitter:.3g}")
+        if self.lowrank is not None:
+            chol = self.lowrank.to(device)
+        else:
+            chol, jitter = cholesky_with_jitter(self.covs.to(device, torch.float64))
+            if jitter > 0:
+                ctx.log(f"task {ctx.task}: a class covariance was not positive definite; added jitter {jitter:.3g}")
         head = copy.deepcopy(model.head).to(device).float()
         head.train()
         # Identical on every process (same seed, same reduced statistics), so no synchronisation is needed.
@@ -111,11 +124,14 @@ class SLCA(Method):
 
     def state_dict(self) -> dict:
         aligned = None if self.aligned_head is None else {k: v.cpu() for k, v in self.aligned_head.state_dict().items()}
-        return {"means": self.means, "covs": self.covs, "aligned_head": aligned,
+        lowrank = None if self.lowrank is None else dataclasses.asdict(self.lowrank)
+        return {"means": self.means, "covs": self.covs, "lowrank_covs": lowrank, "aligned_head": aligned,
                 "alignment_losses": self.alignment_losses}
 
     def load_state_dict(self, state: dict) -> None:
         self.means, self.covs = state["means"], state["covs"]
+        lowrank = state.get("lowrank_covs")
+        self.lowrank = None if lowrank is None else LowRankCovariances(**lowrank)
         self.alignment_losses = list(state.get("alignment_losses", []))
         self.aligned_head = None
         if state.get("aligned_head") is not None:
