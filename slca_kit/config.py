@@ -137,6 +137,11 @@ class TrainConfig:
     keep_checkpoints: int = 2  # older checkpoints are deleted once a newer one is complete
     log_with: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
     deterministic: bool = True  # torch.use_deterministic_algorithms(warn_only) on CPU
+    # When only the head trains in a task (linear_probe, pnn with MLP columns, generative_replay with a frozen
+    # backbone, ...), compute the task's features once and train on them (slca_kit/feature_cache.py). Views: 0 = one
+    # pass under the TEST transform; V >= 1 = V passes under the training transform, epoch e using view e mod V.
+    feature_cache: bool = False
+    feature_cache_views: int = 0
 
 
 @dataclass
@@ -445,7 +450,8 @@ def validate_config(cfg: Config) -> None:
     _check_positive(cfg.train.lr, "train.lr")
     _check_positive(cfg.data.max_train_per_class, "data.max_train_per_class")
     for key in ("train.seed", "data.split_seed", "scenario.class_order_seed", "data.num_workers", "train.momentum",
-                "train.weight_decay", "train.gamma", "train.eta_min", "train.grad_clip", "backbone.drop_rate",
+                "train.weight_decay", "train.gamma", "train.eta_min", "train.grad_clip", "train.feature_cache_views",
+                "backbone.drop_rate",
                 "backbone.drop_path_rate"):
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=True)

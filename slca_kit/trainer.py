@@ -7,6 +7,7 @@ Per task: add the task's head -> method.before_task -> epochs of method.training
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import logging
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import feature_cache
 from .config import Config, TrainConfig
 from .data import build_scenario, load_data
 from .data.sources import check_images_per_class
@@ -393,6 +395,8 @@ class Trainer:
         dataset = TaskDataset(self.data.train, self.label_map, self.method.training_classes(ctx),
                               self.train_transform, augment_seed=self.config.train.seed * 1_000 + ctx.task,
                               extra_indices=self.method.extra_training_samples(ctx))
+        if self.config.train.feature_cache and feature_cache.only_head_trains(self.model):
+            dataset = self._cached_features(ctx, dataset)
         sampler = EpochShuffleSampler(len(dataset), self.config.train.seed * 1_000 + ctx.task)
         loader = self._loader(dataset, self.micro_batch, sampler=sampler)
         groups = [g for g in self.method.param_groups(self.model, ctx) if g["params"]]
@@ -401,6 +405,45 @@ class Trainer:
         model, optimizer, loader, scheduler = accelerator.prepare(self.model, optimizer, loader, scheduler)
         return {"model": model, "optimizer": optimizer, "loader": loader, "scheduler": scheduler, "dataset": dataset,
                 "sampler": sampler}
+
+    def _cached_features(self, ctx: TaskContext, images: TaskDataset) -> feature_cache.FeatureViews:
+        """The task's training features, read from the run folder or computed once (slca_kit/feature_cache.py)."""
+        views = self.config.train.feature_cache_views
+        path = feature_cache.cache_file(self.run_dir, ctx.task)
+        cached = feature_cache.load_views(path, images.indices, views)
+        if cached is None:
+            with self._timer("feature cache"):
+                passes = []
+                for view in range(max(views, 1)):
+                    source = copy.copy(images)
+                    source.transform = self.train_transform if views else self.test_transform
+                    source.set_epoch(view)
+                    passes.append(self._features_in_order(source))
+                cached = torch.stack(passes).cpu(), torch.as_tensor(images.labels, dtype=torch.long)
+            if self.accelerator.is_main_process:
+                feature_cache.save_views(path, *cached, images.indices)
+            self.accelerator.wait_for_everyone()
+        return feature_cache.FeatureViews(*cached)
+
+    @torch.no_grad()
+    def _features_in_order(self, dataset) -> torch.Tensor:
+        """Features of every sample of ``dataset``, in its order, on every process (each computes its shard)."""
+        shard = self._shard(dataset)
+        device = self.accelerator.device
+        self.model.eval()
+        parts = [self.model.features(images.to(device)).float().cpu()
+                 for images, _ in self._loader(shard, self.config.train.eval_batch_size)]
+        features = torch.cat(parts) if parts else torch.zeros(0, self.model.backbone.num_features)
+        positions = torch.as_tensor(list(shard.indices), dtype=torch.long)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object([(features, positions)])
+            features = torch.cat([part[0] for part in gathered])
+            positions = torch.cat([part[1] for part in gathered])
+        ordered = torch.empty_like(features)
+        ordered[positions] = features
+        return ordered
 
     def _train_epoch(self, prepared: dict, ctx: TaskContext, epoch: int, skip_steps: int = 0) -> None:
         """One epoch; with ``skip_steps`` > 0 the rest of an epoch a preempted run stopped in (its RNG state was

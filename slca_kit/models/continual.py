@@ -23,7 +23,10 @@ class ContinualModel(nn.Module):
         self.feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pre-logits feature (CLS token after the final norm for timm ViTs built with num_classes=0)."""
+        """Pre-logits feature (CLS token after the final norm for timm ViTs built with num_classes=0). A 2-D input
+        is already that feature (a batch of ``train.feature_cache``) and is returned as it is."""
+        if images.dim() == 2:
+            return images
         if self.feature_fn is not None:
             return self.feature_fn(images)
         return self.backbone(images)
