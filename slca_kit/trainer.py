@@ -7,8 +7,8 @@ Per task: add the task's head -> method.before_task -> epochs of method.training
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -23,7 +23,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
@@ -44,9 +43,10 @@ from .models.adapters import adapter_state_dict
 from .models.hf_backbone import fill_image_settings
 from .monitor import EpochProgress, epoch_metrics, learning_rates, task_metrics
 from .parallelism import refuse_sharded_launch, refuse_sharded_state
-from .preemption import StopRequest, ignore_stop_signals
+from .preemption import StopRequest
 from .provenance import collect as collect_provenance
 from .report import write_run_outputs
+from .task_images import TaskImages
 from .run_folder import RunLock, check_resume_config, read_config_changes, record_config_change
 
 logger = get_logger("slca_kit")
@@ -149,8 +149,13 @@ class Trainer:
         check_images_per_class(self.data, self.scenario, *self.method.training_images_needed())
         set_seed(train.seed)
         self.model = build_model(config.backbone, config.adapter).to(self.accelerator.device)
+        self.images = TaskImages(config, self.data, self.label_map, (self.train_transform, self.test_transform),
+                                 self.accelerator, lambda: self.model, self.run_dir)
+        # what methods and tests read through the trainer: this process's shard, or all samples on every process
+        self.iterate_images = self.images.iterate_images
+        self.extract_features, self.gather_features = self.images.extract_features, self.images.gather_features
         self.evaluator = Evaluator(self.data.test, self.label_map, self.test_transform, self.scenario, self.method,
-                                   self.accelerator, config, shard=self._shard, reduce_sum=self._reduce_sum)
+                                   self.accelerator, config, shard=self.images.shard, reduce_sum=self._reduce_sum)
         self.provenance = collect_provenance(config, self.data, self.accelerator)
         self.state = RunState(self.method)
         self.accelerator.register_for_checkpointing(self.state)
@@ -177,91 +182,17 @@ class Trainer:
         finally:
             self._timings[section] = self._timings.get(section, 0.0) + time.perf_counter() - start
 
-    def _shard(self, dataset: TaskDataset) -> Subset:
-        """This process's share of ``dataset`` (every num_processes-th sample, no padding, no duplicates)."""
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        return Subset(dataset, range(rank, len(dataset), world))
-
-    def _loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, num_workers=self.config.data.num_workers,
-                          worker_init_fn=ignore_stop_signals, **kwargs)
-
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes == 1:
             return tensor
         return self.accelerator.reduce(tensor.contiguous(), reduction="sum")
 
-    def iterate_images(self, classes: list[int], split: str, batch_size: int):
-        """Batches of (images, labels) on the device: this process's shard of ``split`` for ``classes``, TEST
-        transform, fixed order."""
-        source = self.data.train if split == "train" else self.data.test
-        dataset = TaskDataset(source, self.label_map, classes, self.test_transform)
-        for images, labels in self._loader(self._shard(dataset), batch_size):
-            yield images.to(self.accelerator.device), labels.to(self.accelerator.device)
-
-    def iterate_training_images(self, classes: list[int], batch_size: int, epoch: int):
-        """One epoch of the training split's images of ``classes``, TRAIN transform, in an order and augmentation
-        drawn from (seed, task, epoch) apart from the main loop's: each global batch of ``batch_size`` is shared out
-        (every num_processes-th image), so a process's share may be empty; (images, labels) on the device."""
-        seed = self.config.train.seed * 1_000 + self._task
-        dataset = TaskDataset(self.data.train, self.label_map, classes, self.train_transform, augment_seed=seed)
-        dataset.set_epoch(100_000 + epoch)  # epochs numbered after any main loop's
-        sampler = EpochShuffleSampler(len(dataset), seed)
-        sampler.set_epoch(100_000 + epoch)
-        order = list(sampler)
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        shares = [order[start:start + batch_size][rank::world] for start in range(0, len(order), batch_size)]
-        loaded = iter(self._loader(dataset, 1, batch_sampler=[share for share in shares if share]))
-        device = self.accelerator.device
-        size = self.config.data.image_size
-        for share in shares:
-            if share:
-                images, labels = next(loaded)
-                yield images.to(device), labels.to(device)
-            else:
-                yield torch.zeros(0, 3, size, size, device=device), torch.zeros(0, dtype=torch.long, device=device)
-
-    @torch.no_grad()
-    def _extract(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Features (float32, full precision), labels and split indices of this process's shard of ``split`` for
-        ``classes``, with the TEST transform and the backbone as it is now (slca.md, Class statistics)."""
-        source = self.data.train if split == "train" else self.data.test
-        dataset = TaskDataset(source, self.label_map, classes, self.test_transform)
-        shard = self._shard(dataset)
-        device = self.accelerator.device
-        self.model.eval()
-        features, labels = [], []
-        for images, targets in self._loader(shard, self.config.train.eval_batch_size):
-            features.append(self.model.features(images.to(device)).float())
-            labels.append(targets.to(device))
-        indices = torch.as_tensor(dataset.indices[list(shard.indices)], dtype=torch.long, device=device)
-        if not features:
-            dim = self.model.backbone.num_features
-            return torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device), indices
-        return torch.cat(features), torch.cat(labels), indices
-
-    def extract_features(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's shard: features and labels (see ``_extract``)."""
-        features, labels, _ = self._extract(classes, split)
-        return features, labels
-
-    def gather_features(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Features, labels and split indices of ALL of ``split``'s samples of ``classes`` on every process,
-        ordered by split index, so that every process (and any number of processes) sees the same tensors."""
-        features, labels, indices = self._extract(classes, split)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            parts = gather_object([(features.cpu(), labels.cpu(), indices.cpu())])  # shards differ in length
-            features, labels, indices = (torch.cat([part[k] for part in parts]).to(self.accelerator.device)
-                                         for k in range(3))
-        order = torch.argsort(indices)
-        return features[order], labels[order], indices[order]
-
     def context(self, task: int) -> TaskContext:
+        images = self.images
         return TaskContext(task=task, scenario=self.scenario, config=self.config, accelerator=self.accelerator,
-                           extract_features=self.extract_features, gather_features=self.gather_features,
-                           iterate_images=self.iterate_images, iterate_training_images=self.iterate_training_images,
+                           extract_features=images.extract_features, gather_features=images.gather_features,
+                           iterate_images=images.iterate_images,
+                           iterate_training_images=functools.partial(images.iterate_training_images, task=task),
                            reduce_sum=self._reduce_sum, timer=self._timer)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -396,54 +327,15 @@ class Trainer:
                               self.train_transform, augment_seed=self.config.train.seed * 1_000 + ctx.task,
                               extra_indices=self.method.extra_training_samples(ctx))
         if self.config.train.feature_cache and feature_cache.only_head_trains(self.model):
-            dataset = self._cached_features(ctx, dataset)
+            dataset = self.images.cached_features(ctx.task, dataset, self._timer)
         sampler = EpochShuffleSampler(len(dataset), self.config.train.seed * 1_000 + ctx.task)
-        loader = self._loader(dataset, self.micro_batch, sampler=sampler)
+        loader = self.images.loader(dataset, self.micro_batch, sampler=sampler)
         groups = [g for g in self.method.param_groups(self.model, ctx) if g["params"]]
         optimizer = build_optimizer(groups, self.config.train)
         scheduler = build_scheduler(optimizer, self.config.train, epochs)
         model, optimizer, loader, scheduler = accelerator.prepare(self.model, optimizer, loader, scheduler)
         return {"model": model, "optimizer": optimizer, "loader": loader, "scheduler": scheduler, "dataset": dataset,
                 "sampler": sampler}
-
-    def _cached_features(self, ctx: TaskContext, images: TaskDataset) -> feature_cache.FeatureViews:
-        """The task's training features, read from the run folder or computed once (slca_kit/feature_cache.py)."""
-        views = self.config.train.feature_cache_views
-        path = feature_cache.cache_file(self.run_dir, ctx.task)
-        cached = feature_cache.load_views(path, images.indices, views)
-        if cached is None:
-            with self._timer("feature cache"):
-                passes = []
-                for view in range(max(views, 1)):
-                    source = copy.copy(images)
-                    source.transform = self.train_transform if views else self.test_transform
-                    source.set_epoch(view)
-                    passes.append(self._features_in_order(source))
-                cached = torch.stack(passes).cpu(), torch.as_tensor(images.labels, dtype=torch.long)
-            if self.accelerator.is_main_process:
-                feature_cache.save_views(path, *cached, images.indices)
-            self.accelerator.wait_for_everyone()
-        return feature_cache.FeatureViews(*cached)
-
-    @torch.no_grad()
-    def _features_in_order(self, dataset) -> torch.Tensor:
-        """Features of every sample of ``dataset``, in its order, on every process (each computes its shard)."""
-        shard = self._shard(dataset)
-        device = self.accelerator.device
-        self.model.eval()
-        parts = [self.model.features(images.to(device)).float().cpu()
-                 for images, _ in self._loader(shard, self.config.train.eval_batch_size)]
-        features = torch.cat(parts) if parts else torch.zeros(0, self.model.backbone.num_features)
-        positions = torch.as_tensor(list(shard.indices), dtype=torch.long)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            gathered = gather_object([(features, positions)])
-            features = torch.cat([part[0] for part in gathered])
-            positions = torch.cat([part[1] for part in gathered])
-        ordered = torch.empty_like(features)
-        ordered[positions] = features
-        return ordered
 
     def _train_epoch(self, prepared: dict, ctx: TaskContext, epoch: int, skip_steps: int = 0) -> None:
         """One epoch; with ``skip_steps`` > 0 the rest of an epoch a preempted run stopped in (its RNG state was

@@ -1,0 +1,144 @@
+"""How the trainer and the methods read a run's images and features on one process: test-transform batches and
+features of any classes (this process's shard, or the whole split on every process), a method's own training epochs,
+and a task's cached features (``train.feature_cache``)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from . import feature_cache
+from .config import Config
+from .data.task_data import EpochShuffleSampler, TaskDataset
+from .preemption import ignore_stop_signals
+
+
+class TaskImages:
+    def __init__(self, config: Config, data, label_map: np.ndarray, transforms: tuple[Callable, Callable],
+                 accelerator, model: Callable[[], nn.Module], run_dir: Path):
+        self.config, self.data, self.label_map = config, data, label_map
+        self.train_transform, self.test_transform = transforms
+        self.accelerator = accelerator
+        self.model = model  # the trainer's current model (it is replaced after each task's unwrap)
+        self.run_dir = run_dir
+
+    def shard(self, dataset) -> Subset:
+        """This process's share of ``dataset`` (every num_processes-th sample, no padding, no duplicates)."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return Subset(dataset, range(rank, len(dataset), world))
+
+    def loader(self, dataset, batch_size: int, **kwargs) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=self.config.data.num_workers,
+                          worker_init_fn=ignore_stop_signals, **kwargs)
+
+    def iterate_images(self, classes: list[int], split: str, batch_size: int):
+        """Batches of (images, labels) on the device: this process's shard of ``split`` for ``classes``, TEST
+        transform, fixed order."""
+        source = self.data.train if split == "train" else self.data.test
+        dataset = TaskDataset(source, self.label_map, classes, self.test_transform)
+        for images, labels in self.loader(self.shard(dataset), batch_size):
+            yield images.to(self.accelerator.device), labels.to(self.accelerator.device)
+
+    def iterate_training_images(self, classes: list[int], batch_size: int, epoch: int, task: int):
+        """One epoch of the training split's images of ``classes``, TRAIN transform, in an order and augmentation
+        drawn from (seed, task, epoch) apart from the main loop's: each global batch of ``batch_size`` is shared out
+        (every num_processes-th image), so a process's share may be empty; (images, labels) on the device."""
+        seed = self.config.train.seed * 1_000 + task
+        dataset = TaskDataset(self.data.train, self.label_map, classes, self.train_transform, augment_seed=seed)
+        dataset.set_epoch(100_000 + epoch)  # epochs numbered after any main loop's
+        sampler = EpochShuffleSampler(len(dataset), seed)
+        sampler.set_epoch(100_000 + epoch)
+        order = list(sampler)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        shares = [order[start:start + batch_size][rank::world] for start in range(0, len(order), batch_size)]
+        loaded = iter(self.loader(dataset, 1, batch_sampler=[share for share in shares if share]))
+        device = self.accelerator.device
+        size = self.config.data.image_size
+        for share in shares:
+            if share:
+                images, labels = next(loaded)
+                yield images.to(device), labels.to(device)
+            else:
+                yield torch.zeros(0, 3, size, size, device=device), torch.zeros(0, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def _extract(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features (float32, full precision), labels and split indices of this process's shard of ``split`` for
+        ``classes``, with the TEST transform and the backbone as it is now (slca.md, Class statistics)."""
+        source = self.data.train if split == "train" else self.data.test
+        dataset = TaskDataset(source, self.label_map, classes, self.test_transform)
+        shard = self.shard(dataset)
+        device = self.accelerator.device
+        model = self.model()
+        model.eval()
+        features, labels = [], []
+        for images, targets in self.loader(shard, self.config.train.eval_batch_size):
+            features.append(model.features(images.to(device)).float())
+            labels.append(targets.to(device))
+        indices = torch.as_tensor(dataset.indices[list(shard.indices)], dtype=torch.long, device=device)
+        if not features:
+            dim = model.backbone.num_features
+            return torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device), indices
+        return torch.cat(features), torch.cat(labels), indices
+
+    def extract_features(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's shard: features and labels (see ``_extract``)."""
+        features, labels, _ = self._extract(classes, split)
+        return features, labels
+
+    def gather_features(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features, labels and split indices of ALL of ``split``'s samples of ``classes`` on every process,
+        ordered by split index, so that every process (and any number of processes) sees the same tensors."""
+        features, labels, indices = self._extract(classes, split)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([(features.cpu(), labels.cpu(), indices.cpu())])  # shards differ in length
+            features, labels, indices = (torch.cat([part[k] for part in parts]).to(self.accelerator.device)
+                                         for k in range(3))
+        order = torch.argsort(indices)
+        return features[order], labels[order], indices[order]
+
+    def cached_features(self, task: int, images: TaskDataset, timer) -> feature_cache.FeatureViews:
+        """The task's training features, read from the run folder or computed once (slca_kit/feature_cache.py)."""
+        views = self.config.train.feature_cache_views
+        path = feature_cache.cache_file(self.run_dir, task)
+        cached = feature_cache.load_views(path, images.indices, views)
+        if cached is None:
+            with timer("feature cache"):
+                passes = []
+                for view in range(max(views, 1)):
+                    source = copy.copy(images)
+                    source.transform = self.train_transform if views else self.test_transform
+                    source.set_epoch(view)
+                    passes.append(self._features_in_order(source))
+                cached = torch.stack(passes).cpu(), torch.as_tensor(images.labels, dtype=torch.long)
+            if self.accelerator.is_main_process:
+                feature_cache.save_views(path, *cached, images.indices)
+            self.accelerator.wait_for_everyone()
+        return feature_cache.FeatureViews(*cached)
+
+    @torch.no_grad()
+    def _features_in_order(self, dataset) -> torch.Tensor:
+        """Features of every sample of ``dataset``, in its order, on every process (each computes its shard)."""
+        shard = self.shard(dataset)
+        model = self.model()
+        model.eval()
+        parts = [model.features(images.to(self.accelerator.device)).float().cpu()
+                 for images, _ in self.loader(shard, self.config.train.eval_batch_size)]
+        features = torch.cat(parts) if parts else torch.zeros(0, model.backbone.num_features)
+        positions = torch.as_tensor(list(shard.indices), dtype=torch.long)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object([(features, positions)])
+            features = torch.cat([part[0] for part in gathered])
+            positions = torch.cat([part[1] for part in gathered])
+        ordered = torch.empty_like(features)
+        ordered[positions] = features
+        return ordered
