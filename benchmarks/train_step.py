@@ -6,8 +6,8 @@ one linear head. (a) the plain loop the reference trains with: SGD (momentum 0.9
 lr and the backbone at lr x 0.01, ``logits[:, known:]``, cross-entropy, zero_grad / backward / step per batch.
 (b) slca_kit's ``Trainer._train_epoch`` for ``seq_ft_sl`` and ``slca`` (stage 1: the same loop), with everything it
 does per step (accelerate's prepared model, optimizer and loader, the method's loss hook, the finite-loss check, the
-progress bar, the stop-signal check, the per-epoch schedule). The paths alternate epoch by epoch after a warm-up
-epoch each; the median images/s of each is printed with the ratio (b) / (a). Usage:
+progress bar, the stop-signal check, the per-epoch schedule). The paths alternate epoch by epoch (and which goes first)
+after a warm-up epoch each; the median images/s of each is printed with the ratio (b) / (a). Usage:
 python benchmarks/train_step.py [--images N] [--epochs N] [--batch N] [--vit-b] [--bf16]
 """
 from __future__ import annotations
@@ -134,8 +134,12 @@ def main() -> None:
             loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True)
             plain, ours = [], []
             for epoch in range(args.epochs + 1):
-                plain_seconds = timed(lambda: plain_epoch(plain_model, optimizer, loader, device))
-                our_seconds = timed(lambda: trainer._train_epoch(prepared, ctx, epoch))
+                if epoch % 2:  # which path goes first alternates, so that neither always runs on a warmer cache
+                    our_seconds = timed(lambda: trainer._train_epoch(prepared, ctx, epoch))
+                    plain_seconds = timed(lambda: plain_epoch(plain_model, optimizer, loader, device))
+                else:
+                    plain_seconds = timed(lambda: plain_epoch(plain_model, optimizer, loader, device))
+                    our_seconds = timed(lambda: trainer._train_epoch(prepared, ctx, epoch))
                 if epoch:  # the first epoch of each is a warm-up
                     plain.append(args.images / plain_seconds)
                     ours.append(args.images / our_seconds)
