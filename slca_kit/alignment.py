@@ -168,8 +168,8 @@ class AlignmentSettings:
 
 
 def align_classifier(head: nn.Module, means: torch.Tensor, chol: torch.Tensor | LowRankCovariances,
-                     class_task_ids: torch.Tensor, current_task: int, task_sizes: list[int], settings: AlignmentSettings,
-                     generator: torch.Generator) -> list[float]:
+                     class_task_ids: torch.Tensor, current_task: int, task_sizes: list[int],
+                     settings: AlignmentSettings, generator: torch.Generator) -> list[float]:
     """Re-train ``head`` (all tasks' blocks) on Gaussian features of every seen class (slca.md, Stage 2).
 
     SGD with cosine lr stepped per epoch; each epoch draws fresh samples, shuffles them, and takes batches of
