@@ -8,7 +8,8 @@ lr and the backbone at lr x 0.01, ``logits[:, known:]``, cross-entropy, zero_gra
 does per step (accelerate's prepared model, optimizer and loader, the method's loss hook, the finite-loss check, the
 progress bar, the stop-signal check, the per-epoch schedule). The paths alternate epoch by epoch (and which goes first)
 after a warm-up epoch each; the median images/s of each is printed with the ratio (b) / (a). Usage:
-python benchmarks/train_step.py [--images N] [--epochs N] [--batch N] [--vit-b] [--bf16]
+python benchmarks/train_step.py [--images N] [--epochs N] [--batch N] [--vit-b] [--bf16] [--optimizer-impl fused]
+[--compile inductor]  (the last three change only slca_kit's path: the accelerator fast path against the plain loop)
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def recipe(npz: Path, folder: Path, method: str, args) -> dict:
                          "model_kwargs": vit, "pretrained": False},
             "method": {"name": method, "params": {}},
             "train": {"epochs": args.epochs, "batch_size": args.batch, "lr": 0.01, "milestones": [10_000],
-                      "mixed_precision": "bf16" if args.bf16 else "no"}}
+                      "mixed_precision": "bf16" if args.bf16 else "no", "optimizer_impl": args.optimizer_impl,
+                      "compile_backend": args.compile}}
 
 
 @contextlib.contextmanager
@@ -99,6 +101,16 @@ def plain_epoch(model, optimizer, loader, device) -> None:
         optimizer.step()
 
 
+def step_flops(model, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """Floating-point operations of one training step's forward and backward (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model.head(model.backbone(images)), labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def timed(run) -> float:
     start = time.perf_counter()
     run()
@@ -113,6 +125,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--vit-b", action="store_true", help="ViT-B/16 at 224 px instead of the proxy's shape")
     parser.add_argument("--bf16", action="store_true", help="slca_kit path with bf16 autocast (accelerators)")
+    parser.add_argument("--optimizer-impl", default="default", choices=["default", "foreach", "fused"],
+                        help="slca_kit path's train.optimizer_impl")
+    parser.add_argument("--compile", default=None, metavar="BACKEND", help="slca_kit path's train.compile_backend")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s at the benchmark's precision, to print MFU")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -144,12 +161,19 @@ def main() -> None:
                     plain.append(args.images / plain_seconds)
                     ours.append(args.images / our_seconds)
             results[method] = (statistics.median(plain), statistics.median(ours))
+            batch = next(iter(loader))
+            flops_per_image = step_flops(copy.deepcopy(plain_model), batch[0].to(device), batch[1].to(device)) / len(
+                batch[1])
         print(f"{'ViT-B/16 224 px' if args.vit_b else 'proxy ViT 32 px'}, {args.images} images, batch {args.batch}, "
               f"{args.epochs} timed epochs, device {device}, {torch.get_num_threads()} threads"
-              f"{', slca_kit in bf16' if args.bf16 else ''}")
+              f"{', slca_kit in bf16' if args.bf16 else ''}, slca_kit optimizer {args.optimizer_impl}, "
+              f"compile {args.compile}")
         for method, (plain_rate, our_rate) in results.items():
             print(f"  {method:9s} plain loop {plain_rate:8.1f} img/s   slca_kit {our_rate:8.1f} img/s   "
-                  f"ratio {our_rate / plain_rate:.3f}  (target >= 0.97)")
+                  f"ratio {our_rate / plain_rate:.3f}  (target >= 0.97 at fp32)")
+        achieved = results["slca"][1] * flops_per_image / 1e12
+        mfu = f", MFU {achieved / args.peak_tflops:.1%}" if args.peak_tflops else " (--peak-tflops for MFU)"
+        print(f"  slca_kit training step: {flops_per_image / 1e9:.2f} GFLOP per image, {achieved:.3f} TFLOP/s{mfu}")
 
 
 if __name__ == "__main__":

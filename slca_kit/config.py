@@ -120,6 +120,9 @@ class TrainConfig:
     batch_size: int = 128  # slca.md, Stage 1
     lr: float = 0.01  # classifier lr; backbone lr = lr * method's backbone_lr_scale (slca.md)
     optimizer: str = "sgd"  # sgd | adam | adamw
+    # torch.optim's implementation: default | foreach (one multi-tensor kernel per group) | fused (one fused kernel;
+    # CUDA, and CPU with recent torch). The same update up to float rounding (tests/test_fast_path.py).
+    optimizer_impl: str = "default"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # multistep | cosine (half cosine to eta_min) | coda_cosine (CODA-Prompt's quarter cosine) | constant; per epoch
@@ -142,6 +145,9 @@ class TrainConfig:
     # pass under the TEST transform; V >= 1 = V passes under the training transform, epoch e using view e mod V.
     feature_cache: bool = False
     feature_cache_views: int = 0
+    # torch.compile of the backbone, in place (nn.Module.compile, the state dict keeps its keys): null = eager
+    # PyTorch; "inductor" = torch's compiler (on CPU it needs a C++ compiler), or any torch.compile backend.
+    compile_backend: str | None = None
 
 
 @dataclass
@@ -168,6 +174,7 @@ class Config:
 TIMM_ADAPTER_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])"
 
 CHOICES = {
+    "train.optimizer_impl": ("default", "foreach", "fused"),
     "backbone.source": ("timm", "transformers"),
     "data.source": ("digits", "arrays", "imagefolder", "hub"),
     "data.transform": ("cifar", "imagenet_r", "cub_cars", "pilot", "pilot_cifar", "none"),

@@ -55,10 +55,22 @@ RUN_STATE_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first re
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}}.get(cfg.optimizer_impl, {})
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **impl)
     optimizer_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
+
+
+def compile_backbone(backbone: torch.nn.Module, backend: str) -> None:
+    """``torch.compile`` the backbone in place with ``backend``, refusing an unknown backend before any work."""
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        usual = sorted(set(torch._dynamo.list_backends()) | {"eager", "aot_eager"})
+        raise ConfigError(f"train.compile_backend: {backend!r} is not a torch.compile backend; e.g. "
+                          f"{', '.join(usual)}")
+    backbone.compile(backend=backend)
 
 
 def coda_cosine_factor(epoch: int, epochs: int) -> float:
@@ -149,6 +161,8 @@ class Trainer:
         check_images_per_class(self.data, self.scenario, *self.method.training_images_needed())
         set_seed(train.seed)
         self.model = build_model(config.backbone, config.adapter).to(self.accelerator.device)
+        if train.compile_backend:
+            compile_backbone(self.model.backbone, train.compile_backend)
         self.images = TaskImages(config, self.data, self.label_map, (self.train_transform, self.test_transform),
                                  self.accelerator, lambda: self.model, self.run_dir)
         # what methods and tests read through the trainer: this process's shard, or all samples on every process
