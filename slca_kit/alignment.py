@@ -123,10 +123,9 @@ def sample_gaussians(means: torch.Tensor, chol: torch.Tensor | LowRankCovariance
         rest = torch.randn(num_classes, per_class, dim, generator=generator, device=means.device, dtype=means.dtype)
         samples = (means[:, None, :] + (low * chol.values.sqrt()[:, None, :]) @ chol.basis.transpose(1, 2)
                    + rest * chol.residual.sqrt()[:, None, :])
-        positions = torch.arange(num_classes, device=means.device).repeat_interleave(per_class)
-        return samples.reshape(-1, dim), positions
-    noise = torch.randn(num_classes, per_class, dim, generator=generator, device=means.device, dtype=means.dtype)
-    samples = means[:, None, :] + noise @ chol.transpose(1, 2)
+    else:
+        noise = torch.randn(num_classes, per_class, dim, generator=generator, device=means.device, dtype=means.dtype)
+        samples = means[:, None, :] + noise @ chol.transpose(1, 2)
     positions = torch.arange(num_classes, device=means.device).repeat_interleave(per_class)
     return samples.reshape(-1, dim), positions
 

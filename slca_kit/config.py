@@ -458,8 +458,7 @@ def validate_config(cfg: Config) -> None:
     _check_positive(cfg.data.max_train_per_class, "data.max_train_per_class")
     for key in ("train.seed", "data.split_seed", "scenario.class_order_seed", "data.num_workers", "train.momentum",
                 "train.weight_decay", "train.gamma", "train.eta_min", "train.grad_clip", "train.feature_cache_views",
-                "backbone.drop_rate",
-                "backbone.drop_path_rate"):
+                "backbone.drop_rate", "backbone.drop_path_rate"):
         section, name = key.split(".")
         _check_positive(getattr(getattr(cfg, section), name), key, allow_zero=True)
     for key in ("train.seed", "data.split_seed", "scenario.class_order_seed"):  # NumPy seeds are 32-bit

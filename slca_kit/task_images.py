@@ -67,11 +67,9 @@ class TaskImages:
                 yield torch.zeros(0, 3, size, size, device=device), torch.zeros(0, dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def _extract(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Features (float32, full precision), labels and split indices of this process's shard of ``split`` for
-        ``classes``, with the TEST transform and the backbone as it is now (slca.md, Class statistics)."""
-        source = self.data.train if split == "train" else self.data.test
-        dataset = TaskDataset(source, self.label_map, classes, self.test_transform)
+    def _shard_features(self, dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features (float32, full precision) and labels of this process's shard of ``dataset`` with the model as it
+        is now, and each sample's position in ``dataset``."""
         shard = self.shard(dataset)
         device = self.accelerator.device
         model = self.model()
@@ -80,11 +78,32 @@ class TaskImages:
         for images, targets in self.loader(shard, self.config.train.eval_batch_size):
             features.append(model.features(images.to(device)).float())
             labels.append(targets.to(device))
-        indices = torch.as_tensor(dataset.indices[list(shard.indices)], dtype=torch.long, device=device)
+        positions = torch.as_tensor(list(shard.indices), dtype=torch.long, device=device)
         if not features:
             dim = model.backbone.num_features
-            return torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device), indices
-        return torch.cat(features), torch.cat(labels), indices
+            return torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device), positions
+        return torch.cat(features), torch.cat(labels), positions
+
+    def _gathered(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's ``tensors`` concatenated in process order, on every process (shards differ in length),
+        sorted by the last one."""
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([tuple(t.cpu() for t in tensors)])
+            tensors = tuple(torch.cat([part[k] for part in parts]).to(self.accelerator.device)
+                            for k in range(len(tensors)))
+        order = torch.argsort(tensors[-1])
+        return [t[order] for t in tensors]
+
+    def _extract(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's shard of ``split`` for ``classes``: features with the TEST transform and the backbone as it
+        is now (slca.md, Class statistics), labels, and split indices."""
+        source = self.data.train if split == "train" else self.data.test
+        dataset = TaskDataset(source, self.label_map, classes, self.test_transform)
+        features, labels, positions = self._shard_features(dataset)
+        indices = torch.as_tensor(dataset.indices, dtype=torch.long, device=positions.device)[positions]
+        return features, labels, indices
 
     def extract_features(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's shard: features and labels (see ``_extract``)."""
@@ -94,15 +113,8 @@ class TaskImages:
     def gather_features(self, classes: list[int], split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features, labels and split indices of ALL of ``split``'s samples of ``classes`` on every process,
         ordered by split index, so that every process (and any number of processes) sees the same tensors."""
-        features, labels, indices = self._extract(classes, split)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            parts = gather_object([(features.cpu(), labels.cpu(), indices.cpu())])  # shards differ in length
-            features, labels, indices = (torch.cat([part[k] for part in parts]).to(self.accelerator.device)
-                                         for k in range(3))
-        order = torch.argsort(indices)
-        return features[order], labels[order], indices[order]
+        features, labels, indices = self._gathered(*self._extract(classes, split))
+        return features, labels, indices
 
     def cached_features(self, task: int, images: TaskDataset, timer) -> feature_cache.FeatureViews:
         """The task's training features, read from the run folder or computed once (slca_kit/feature_cache.py)."""
@@ -116,29 +128,10 @@ class TaskImages:
                     source = copy.copy(images)
                     source.transform = self.train_transform if views else self.test_transform
                     source.set_epoch(view)
-                    passes.append(self._features_in_order(source))
+                    features, _, _ = self._gathered(*self._shard_features(source))  # in the dataset's order
+                    passes.append(features.cpu())
                 cached = torch.stack(passes).cpu(), torch.as_tensor(images.labels, dtype=torch.long)
             if self.accelerator.is_main_process:
                 feature_cache.save_views(path, *cached, images.indices)
             self.accelerator.wait_for_everyone()
         return feature_cache.FeatureViews(*cached)
-
-    @torch.no_grad()
-    def _features_in_order(self, dataset) -> torch.Tensor:
-        """Features of every sample of ``dataset``, in its order, on every process (each computes its shard)."""
-        shard = self.shard(dataset)
-        model = self.model()
-        model.eval()
-        parts = [model.features(images.to(self.accelerator.device)).float().cpu()
-                 for images, _ in self.loader(shard, self.config.train.eval_batch_size)]
-        features = torch.cat(parts) if parts else torch.zeros(0, model.backbone.num_features)
-        positions = torch.as_tensor(list(shard.indices), dtype=torch.long)
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            gathered = gather_object([(features, positions)])
-            features = torch.cat([part[0] for part in gathered])
-            positions = torch.cat([part[1] for part in gathered])
-        ordered = torch.empty_like(features)
-        ordered[positions] = features
-        return ordered
