@@ -292,3 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; work since the last complete checkpoint is lost (--resume continues from it)",
               file=sys.stderr)
         return 130
+    finally:
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    """Under torchrun / accelerate launch, leave the process group once every run of this command is done."""
+    torch = sys.modules.get("torch")  # a command that never imported torch made no process group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -273,7 +273,10 @@ class Trainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_run_outputs(self.run_dir, results)
-        accelerator.end_training()
+        # Trackers end with the run; the process group does not (accelerator.end_training would destroy it): one
+        # launch may train several runs (--seeds, the default job, reproduce). The CLI destroys it on exit.
+        for tracker in accelerator.trackers:
+            tracker.finish()
         return results
 
     def _add_heads_until(self, task: int) -> None:

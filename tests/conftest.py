@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny, learnable synthetic image set and recipes for a tiny ViT (CPU, seconds)."""
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -9,6 +10,14 @@ import pytest
 import yaml
 
 SHARED = Path(os.environ.get("SLCA_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+def pytest_collection_finish(session):
+    """Every run ends its tasks with accelerate's free_memory, a full gc.collect; in this process it would walk
+    torch's, timm's, matplotlib's ... import-time objects each time. Freezing them (they live to the end anyway)
+    makes those collections walk only what the tests made."""
+    gc.collect()
+    gc.freeze()
 
 
 def make_color_images(num_classes: int, per_class: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,11 @@
 """Two CPU processes with gloo (torchrun) against one process: class statistics reduce to the same values, no
-test sample is counted twice, and a DDP training run completes."""
+test sample is counted twice, and DDP training runs complete. The two-process runs of every test share one torchrun
+launch (the ``two_processes`` fixture); the one-process runs happen in this process."""
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,17 +28,76 @@ def odd_npz(tmp_path_factory):
     return path
 
 
-def _train(recipe_path, processes, *overrides, cwd):
-    """One process runs in this one (the same Trainer the CLI builds, without a second interpreter's start-up);
-    more run under torchrun."""
-    if processes == 1:
-        Trainer(load_config(recipe_path, list(overrides))).run()
-        return
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--standalone", "-m", "slca_kit", "train"]
-    done = subprocess.run(command + [str(recipe_path), *overrides], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+
+
+def _base(npz, runs):
+    return tiny_recipe(npz, runs, scenario={"increment": 3, "class_order_seed": 1993})
+
+
+def _with(method, params, **sections):
+    def build(npz, runs):
+        recipe = tiny_recipe(npz, runs, method=method, scenario={"increment": 3, "class_order_seed": 1993}, **sections)
+        recipe["method"]["params"] = params
+        return recipe
+    return build
+
+
+def _dinov2(npz, runs):
+    recipe = _base(npz, runs)
+    recipe["backbone"] = {"source": "transformers", "name": str(runs.parent / "dinov2")}
+    return recipe
+
+
+# Every recipe below runs on two processes with the backbone as built (epochs=0, so class statistics depend only
+# on how features are sharded and reduced); the marked ones also train an epoch under DDP.
+RECIPES = {
+    "slca": _base,
+    "ewc": _with("ewc", {}), "replay": _with("replay", {"memory_size": 8}), "den": _with("den", {"epochs": 2}),
+    "l2p": _with("l2p", {"pool_size": 4, "length": 2, "top_k": 2, "test_batch_size": 4}),
+    "dinov2": _dinov2,
+    "ranpac": _with("ranpac", {"projection_dim": 40, "adapter_bottleneck": 4}, backbone={"replace_final_norm": False}),
+    "fecam": _with("fecam", {}),
+    "aper": _with("aper", {"adapter_bottleneck": 4}), "ease": _with("ease", {"adapter_bottleneck": 4}),
+    "mos": _with("mos", {"adapter_bottleneck": 4, "ca_epochs": 1, "samples_per_class": 8}),
+    "cofima": _with("cofima", {"ca_epochs": 1, "samples_per_class": 8}),
+    "hide_prompt": _with("hide_prompt", {"e_layers": [0, 1], "centroids": 3, "ca_epochs": 1, "tii_epochs": 2,
+                                         "tii_batch_size": 11, "tii_lr": 0.01, "ca_samples_per_centroid": 8},
+                         backbone={"replace_final_norm": False}),
+}
+TRAINED = ("dinov2", "ranpac")
+TWO_PROCESS_OVERRIDES = {"l2p": ["train.eval_batch_size=3"]}
+
+
+@pytest.fixture(scope="module")
+def two_processes(odd_npz, tmp_path_factory):
+    """Every recipe of RECIPES written under its own folder and run on two processes in one torchrun launch
+    (tests/ddp_jobs.py). Returns {name: recipe path}; the runs are in the recipe's folder, runs/two (runs/trained)."""
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("gloo backend not available")
+    root = tmp_path_factory.mktemp("ddp")
+    paths, jobs = {}, []
+    for name, build in RECIPES.items():
+        if name == "dinov2":
+            if importlib.util.find_spec("transformers") is None:
+                continue
+            import transformers
+
+            torch.manual_seed(0)
+            transformers.Dinov2Model(transformers.Dinov2Config(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=8)).save_pretrained(root / name / "dinov2")
+        (root / name).mkdir(exist_ok=True)
+        paths[name] = write_recipe(root / name / f"{name}.yaml", build(odd_npz, root / name / "runs"))
+        jobs.append([str(paths[name]), "name=two", "train.epochs=0", *TWO_PROCESS_OVERRIDES.get(name, [])])
+        if name in TRAINED:
+            jobs.append([str(paths[name]), "name=trained", "train.epochs=1"])
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    script = Path(__file__).with_name("ddp_jobs.py")
+    done = subprocess.run(TORCHRUN + [str(script), str(root / "jobs.json")], cwd=root, capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    return paths
 
 
 def _final_state(run_dir):
@@ -43,38 +105,44 @@ def _final_state(run_dir):
     return torch.load(latest / "custom_checkpoint_0.pkl", weights_only=False)
 
 
-def _one_and_two_processes(recipe_path, tmp_path):
-    """The final states of the recipe run with the backbone as built (epochs=0) on one and on two processes."""
-    _train(recipe_path, 1, "name=one", "train.epochs=0", cwd=tmp_path)
-    _train(recipe_path, 2, "name=two", "train.epochs=0", cwd=tmp_path)
-    return _final_state(tmp_path / "runs" / "one"), _final_state(tmp_path / "runs" / "two")
+def _one_and_two_processes(paths, name, *overrides):
+    """The final states of recipe ``name`` with the backbone as built on one process (run here) and on two."""
+    Trainer(load_config(paths[name], ["name=one", "train.epochs=0", *overrides])).run()
+    runs = paths[name].parent / "runs"
+    return _final_state(runs / "one"), _final_state(runs / "two")
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
-def test_two_processes_match_one(odd_npz, tmp_path):
-    recipe = tiny_recipe(odd_npz, tmp_path / "runs", scenario={"increment": 3, "class_order_seed": 1993})
-    path = write_recipe(tmp_path / "odd.yaml", recipe)
-    # epochs=0: the backbone stays as built, so statistics depend only on how features are sharded and reduced
-    one, two = _one_and_two_processes(path, tmp_path)
+def _results(paths, name, run):
+    return json.loads((paths[name].parent / "runs" / run / "results.json").read_text())
+
+
+def test_two_processes_match_one(two_processes):
+    one, two = _one_and_two_processes(two_processes, "slca")
     assert torch.allclose(one["method"]["means"], two["method"]["means"], atol=1e-9)
     assert torch.allclose(one["method"]["covs"], two["method"]["covs"], atol=1e-6)
     assert one["matrix"]["totals"] == two["matrix"]["totals"] == [21, 21]  # uneven shards, each sample once
     assert one["matrix"]["correct"] == two["matrix"]["correct"]
 
-    _train(path, 2, "name=trained", "train.epochs=1", cwd=tmp_path)
-    results = json.loads((tmp_path / "runs" / "trained" / "results.json").read_text())
-    assert results["complete"] and results["num_processes"] == 2 and results["totals"] == [21, 21]
-
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
+def test_the_cli_trains_several_seeds_in_one_launch(odd_npz, tmp_path):
+    """``slca train RECIPE --seeds`` under torchrun: each run trains under DDP, and the process group outlives the
+    first run (it used to be destroyed at the end of every run, so the second seed failed)."""
+    path = write_recipe(tmp_path / "odd.yaml", _base(odd_npz, tmp_path / "runs"))
+    done = subprocess.run(TORCHRUN + ["-m", "slca_kit", "train", str(path), "train.epochs=1", "--seeds", "1", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for seed in (1, 2):
+        results = json.loads((tmp_path / "runs" / f"tiny_slca_seed{seed}" / "results.json").read_text())
+        assert results["complete"] and results["num_processes"] == 2 and results["totals"] == [21, 21]
+        assert results["config"]["scenario"]["class_order_seed"] == seed
+
+
 @pytest.mark.parametrize("method", ["ewc", "replay", "den"])
-def test_lifelong_state_is_the_same_with_two_processes(odd_npz, tmp_path, method):
+def test_lifelong_state_is_the_same_with_two_processes(two_processes, method):
     """EWC's Fisher is reduced, the replay buffer and DEN's training data are gathered: with the backbone as built
     (epochs=0), two processes end with one process's state."""
-    recipe = tiny_recipe(odd_npz, tmp_path / "runs", method=method, scenario={"increment": 3, "class_order_seed": 1993})
-    recipe["method"]["params"] = {"memory_size": 8} if method == "replay" else {"epochs": 2} if method == "den" else {}
-    path = write_recipe(tmp_path / f"{method}.yaml", recipe)
-    one, two = _one_and_two_processes(path, tmp_path)
+    one, two = _one_and_two_processes(two_processes, method)
     assert one["matrix"] == two["matrix"] and one["task_matrix"] == two["task_matrix"]
     if method == "ewc":
         for name, fisher in one["method"]["importance"].items():
@@ -86,100 +154,63 @@ def test_lifelong_state_is_the_same_with_two_processes(odd_npz, tmp_path, method
         assert one["method"]["history"] == two["method"]["history"]
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
-def test_batch_wise_prompt_selection_gives_the_same_accuracy_with_two_processes(odd_npz, tmp_path):
+def test_batch_wise_prompt_selection_gives_the_same_accuracy_with_two_processes(two_processes):
     """L2P votes prompts over each test batch: per-task batches of 4 (21 test images per task: 6 batches, shared
-    3 + 3 over two processes) give one process's counts whatever the evaluation batch size."""
-    recipe = tiny_recipe(odd_npz, tmp_path / "runs", method="l2p", scenario={"increment": 3, "class_order_seed": 1993})
-    recipe["method"]["params"] = {"pool_size": 4, "length": 2, "top_k": 2, "test_batch_size": 4}
-    path = write_recipe(tmp_path / "l2p.yaml", recipe)
-    _train(path, 1, "name=one", "train.epochs=0", "train.eval_batch_size=64", cwd=tmp_path)
-    _train(path, 2, "name=two", "train.epochs=0", "train.eval_batch_size=3", cwd=tmp_path)
-    one, two = (json.loads((tmp_path / "runs" / name / "results.json").read_text()) for name in ("one", "two"))
+    3 + 3 over two processes) give one process's counts whatever the evaluation batch size (64 here, 3 there)."""
+    _one_and_two_processes(two_processes, "l2p", "train.eval_batch_size=64")
+    one, two = (_results(two_processes, "l2p", run) for run in ("one", "two"))
     assert one["correct"] == two["correct"] and one["totals"] == two["totals"] == [21, 21]
     assert one["evaluation"] == two["evaluation"] and one["evaluation"]["batch"] == 4
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
-def test_a_transformers_backbone_trains_with_two_processes(odd_npz, tmp_path):
+def test_a_transformers_backbone_trains_with_two_processes(two_processes):
     """DINOv2 from a local folder under DDP: statistics of the backbone as built equal one process's, and training
     runs (its mask token, unused by the feature, is frozen, so DDP finds no parameter without a gradient)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    transformers.Dinov2Model(transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-        patch_size=8)).save_pretrained(tmp_path / "dinov2")
-    recipe = tiny_recipe(odd_npz, tmp_path / "runs", scenario={"increment": 3, "class_order_seed": 1993})
-    recipe["backbone"] = {"source": "transformers", "name": str(tmp_path / "dinov2")}
-    path = write_recipe(tmp_path / "dinov2.yaml", recipe)
-    one, two = _one_and_two_processes(path, tmp_path)
+    if "dinov2" not in two_processes:
+        pytest.skip("transformers is not installed")
+    one, two = _one_and_two_processes(two_processes, "dinov2")
     assert torch.allclose(one["method"]["means"], two["method"]["means"], atol=1e-6)
     assert torch.allclose(one["method"]["covs"], two["method"]["covs"], atol=1e-5)
     assert one["matrix"]["correct"] == two["matrix"]["correct"]
-    _train(path, 2, "name=trained", "train.epochs=1", cwd=tmp_path)
-    results = json.loads((tmp_path / "runs" / "trained" / "results.json").read_text())
+    results = _results(two_processes, "dinov2", "trained")
     assert results["complete"] and results["num_processes"] == 2 and results["totals"] == [21, 21]
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
-def test_ranpac_gram_and_ridge_readout_are_the_same_with_two_processes(odd_npz, tmp_path):
+def test_ranpac_gram_and_ridge_readout_are_the_same_with_two_processes(two_processes):
     """RanPAC's G and Q come from features gathered in split order: two processes end with one process's G, Q,
     ridges and readout; its first session (adapters + cosine head) trains under DDP."""
-    recipe = tiny_recipe(odd_npz, tmp_path / "runs", method="ranpac",
-                         scenario={"increment": 3, "class_order_seed": 1993}, backbone={"replace_final_norm": False})
-    recipe["method"]["params"] = {"projection_dim": 40, "adapter_bottleneck": 4}
-    path = write_recipe(tmp_path / "ranpac.yaml", recipe)
-    one, two = _one_and_two_processes(path, tmp_path)
+    one, two = _one_and_two_processes(two_processes, "ranpac")
     assert one["method"]["chosen_ridges"] == two["method"]["chosen_ridges"]
     for key in ("gram", "class_sums", "readout"):
         assert torch.allclose(one["method"][key], two["method"][key], rtol=1e-5, atol=1e-5), key
     assert one["matrix"] == two["matrix"]
-    _train(path, 2, "name=trained", "train.epochs=1", cwd=tmp_path)
-    results = json.loads((tmp_path / "runs" / "trained" / "results.json").read_text())
+    results = _results(two_processes, "ranpac", "trained")
     assert results["complete"] and results["num_processes"] == 2
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
-def test_fecam_class_statistics_are_the_same_with_two_processes(odd_npz, tmp_path):
-    recipe = tiny_recipe(odd_npz, tmp_path / "runs", method="fecam",
-                         scenario={"increment": 3, "class_order_seed": 1993})
-    path = write_recipe(tmp_path / "fecam.yaml", recipe)
-    one, two = _one_and_two_processes(path, tmp_path)
+def test_fecam_class_statistics_are_the_same_with_two_processes(two_processes):
+    one, two = _one_and_two_processes(two_processes, "fecam")
     assert torch.allclose(one["method"]["means"], two["method"]["means"], atol=1e-6)
     assert torch.allclose(one["method"]["precisions"], two["method"]["precisions"], rtol=1e-4, atol=1e-3)
     assert one["matrix"] == two["matrix"]
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
-def test_aper_ease_mos_prototypes_and_cofima_statistics_are_the_same_with_two_processes(odd_npz, tmp_path):
+@pytest.mark.parametrize("method", ["aper", "ease", "mos", "cofima"])
+def test_aper_ease_mos_prototypes_and_cofima_statistics_are_the_same_with_two_processes(two_processes, method):
     """APER's, EASE's and MOS's prototype sums, MOS's class moments and CoFiMA's (after its Fisher averaging, whose
     batches are split over the processes) reduce to one process's values."""
-    for method, params in (("aper", {"adapter_bottleneck": 4}), ("ease", {"adapter_bottleneck": 4}),
-                           ("mos", {"adapter_bottleneck": 4, "ca_epochs": 1, "samples_per_class": 8}),
-                           ("cofima", {"ca_epochs": 1, "samples_per_class": 8})):
-        work = tmp_path / method
-        work.mkdir()
-        recipe = tiny_recipe(odd_npz, work / "runs", method=method, scenario={"increment": 3, "class_order_seed": 1993})
-        recipe["method"]["params"] = params
-        path = write_recipe(work / f"{method}.yaml", recipe)
-        one, two = _one_and_two_processes(path, work)
-        keys = {"cofima": ["means"], "mos": ["prototypes", "means", "covs"]}.get(method, ["prototypes"])
-        for key in keys:
-            assert torch.allclose(one["method"][key].double(), two["method"][key].double(), atol=1e-5), (method, key)
-        assert one["matrix"] == two["matrix"], method
+    one, two = _one_and_two_processes(two_processes, method)
+    keys = {"cofima": ["means"], "mos": ["prototypes", "means", "covs"]}.get(method, ["prototypes"])
+    for key in keys:
+        assert torch.allclose(one["method"][key].double(), two["method"][key].double(), atol=1e-5), (method, key)
+    assert one["matrix"] == two["matrix"], method
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo backend not available")
-def test_hide_prompt_task_identity_training_and_statistics_are_the_same_with_two_processes(odd_npz, tmp_path):
+def test_hide_prompt_task_identity_training_and_statistics_are_the_same_with_two_processes(two_processes):
     """The task-identity classifier trains on shares of each batch with gradients summed by hand (batches of 11 of a
     task's 45 images: the last batch of 1 leaves the second process an empty share); k-means runs on features
     gathered on every process."""
-    recipe = tiny_recipe(odd_npz, tmp_path / "runs", method="hide_prompt",
-                         scenario={"increment": 3, "class_order_seed": 1993}, backbone={"replace_final_norm": False})
-    recipe["method"]["params"] = {"e_layers": [0, 1], "centroids": 3, "ca_epochs": 1, "tii_epochs": 2,
-                                  "tii_batch_size": 11, "tii_lr": 0.01, "ca_samples_per_centroid": 8}
-    path = write_recipe(tmp_path / "hide_prompt.yaml", recipe)
-    one, two = _one_and_two_processes(path, tmp_path)
+    one, two = _one_and_two_processes(two_processes, "hide_prompt")
     assert np.allclose(one["method"]["identity_losses"], two["method"]["identity_losses"], rtol=1e-4)
     for key in ("prompt_statistics", "identity_statistics"):
         assert torch.allclose(one["method"][key]["means"], two["method"][key]["means"], atol=1e-5), key
