@@ -1,6 +1,7 @@
 """SD-LoRA (slca_kit/methods/sd_lora.py, models/decoupled_lora.py): the qkv hook computes WuYichen-97/SD-Lora-CL
 backbone/lora.py ``_LoRA_qkv_timm_train.forward`` written out, the magnitude / direction split equals the plain LoRA
-delta, a run freezes earlier directions and retrains every magnitude, SD-LoRA-RR's ranks, resume and bad input."""
+delta, a run freezes earlier directions and retrains every magnitude, SD-LoRA-RR's ranks, resume and bad input;
+SD-LoRA-KD's least-squares absorption by hand, against a dense solve, and in a run."""
 from __future__ import annotations
 
 import pytest
@@ -109,7 +110,80 @@ def test_resume_after_a_task_matches_uninterrupted(tiny_npz, tmp_path):
 
 @pytest.mark.parametrize("params, key", [({"rank": 0}, "rank"),
                                          ({"rank_reduction": [[4, 8], [2, 6]]}, "rank_reduction"),
-                                         ({"rank_reduction": [[4]]}, "rank_reduction")])
+                                         ({"rank_reduction": [[4]]}, "rank_reduction"),
+                                         ({"kd_threshold": -1e-3}, "kd_threshold"),
+                                         ({"kd_threshold": float("nan")}, "kd_threshold")])
 def test_bad_settings_are_refused(tiny_npz, tmp_path, params, key):
     with pytest.raises(ConfigError, match=key):
         _trainer(tiny_npz, tmp_path, **params)
+
+
+def _absorbable_lora():
+    """Three tasks of ranks 2, 2, 4 whose third direction on block 0's query slice is 0.5 B0 A0 - 0.3 B1 A1
+    (B2 = [0.5 B0, -0.3 B1], A2 = [A0; A1]) and random everywhere else."""
+    lora = DecoupledLoRA(tiny_timm_vit().blocks, magnitude_init=0.8)
+    for rank in (2, 2, 4):
+        lora.add_task(rank)
+    with torch.no_grad():
+        for up in lora.up:
+            up.normal_()
+        lora.down[2][0, 0] = torch.cat([lora.down[0][0, 0], lora.down[1][0, 0]])
+        lora.up[2][0, 0] = torch.cat([0.5 * lora.up[0][0, 0], -0.3 * lora.up[1][0, 0]], dim=1)
+    return lora
+
+
+def test_kd_absorbs_a_spanned_direction_into_the_earlier_magnitudes_by_hand():
+    lora = _absorbable_lora()
+    factors = [(lora.down[t][0, 0].clone(), lora.up[t][0, 0].clone()) for t in range(3)]
+    scale = [float(torch.norm(b) * torch.norm(a)) for a, b in factors]
+    fits = {(layer, which): residual for layer, which, residual in lora.absorb_last(threshold=9e-4)}
+    assert fits[(0, 0)] < 1e-6 and all(r > 0.1 for key, r in fits.items() if key != (0, 0))
+    # D2 = B2 A2 / s2 = (0.5 s0 D0 - 0.3 s1 D1) / s2: Eq. 7's coefficients are 0.5 s0 / s2 and -0.3 s1 / s2
+    offsets = lora.magnitude_offsets
+    assert torch.allclose(offsets[:2, 0, 0], torch.tensor([0.5 * scale[0] / scale[2], -0.3 * scale[1] / scale[2]]))
+    assert offsets.abs().sum() == offsets[:2, 0, 0].abs().sum()  # nothing else moved
+    assert not lora.down[2][0, 0].any() and not lora.up[2][0, 0].any()  # the new direction is gone
+    assert lora.up[2][0, 1].any()  # the value slice's was not spanned: kept
+    lora.add_task(rank=2)  # the absorbed task becomes an earlier one; the new one starts at B = 0
+    x = torch.randn(3, TINY_VIT["embed_dim"])
+    with torch.no_grad():
+        for magnitude, value in zip(lora.magnitudes, (1.7, 0.4, 2.5, 0.8)):
+            magnitude.fill_(value)
+        directions = [x @ a.T @ b.T / s for (a, b), s in zip(factors, scale)]
+        # Eq. 8: (m0 + c0) D0 + (m1 + c1) D1 stands for m0 D0 + m1 D1 + D2; task 2's own magnitude has no direction
+        expected = 1.7 * directions[0] + 0.4 * directions[1] + directions[2]
+        assert torch.allclose(lora.update(0, 0, x), expected, atol=1e-5)
+
+
+def test_the_gram_from_factors_equals_dense_least_squares():
+    lora = _absorbable_lora()
+    dense = torch.stack([(lora.up[t][1, 1] @ lora.down[t][1, 1]).double().flatten()
+                         / float(torch.norm(lora.up[t][1, 1]) * torch.norm(lora.down[t][1, 1]))
+                         for t in range(3)], dim=1)
+    assert torch.allclose(lora.direction_gram(1, 1), dense.T @ dense, atol=1e-10)
+    solution = torch.linalg.lstsq(dense[:, :2], dense[:, 2:], driver="gelsd").solution.squeeze(1)
+    residual = float(torch.norm(dense[:, 2] - dense[:, :2] @ solution))
+    fits = {(layer, which): r for layer, which, r in lora.absorb_last(threshold=0.0)}
+    assert fits[(1, 1)] == pytest.approx(residual, rel=1e-6)
+
+
+def test_kd_in_a_run_absorbs_every_direction_under_a_loose_threshold_and_resumes(tiny_npz, tmp_path):
+    """A residual is at most ||D_t||_F <= 1, so a threshold of 2 absorbs every new direction from the second task
+    on: the summary counts them, the absorbed tasks' factors are zero, and a resumed run ends with the same state."""
+    reference, expected, resumed, results = run_interrupted_and_resumed(
+        lambda folder: _trainer(tiny_npz, folder, kd_threshold=2.0), tmp_path, after_task=1)
+    lora = reference.model.sd_lora
+    assert [t["method"]["absorbed_directions"] for t in expected["tasks"]] == [0, 2 * lora.layers, 4 * lora.layers]
+    assert lora.magnitude_offsets[:2].abs().sum() > 0 and not lora.up[1].any() and not lora.up[2].any()
+    assert results["correct"] == expected["correct"]
+    for key, value in lora.state_dict().items():
+        assert torch.equal(resumed.model.sd_lora.state_dict()[key], value), key
+
+
+def test_a_checkpoint_from_before_kd_loads_with_zero_offsets():
+    _, lora = _vit_with_two_tasks()
+    older = {k: v for k, v in lora.state_dict().items() if k != "magnitude_offsets"}
+    _, fresh = _vit_with_two_tasks()
+    fresh.magnitude_offsets.fill_(1.0)
+    fresh.load_state_dict(older)
+    assert not fresh.magnitude_offsets.any() and fresh.magnitude_offsets.shape == (2, TINY_VIT["depth"], 2)
