@@ -97,6 +97,7 @@ def slca_kit_stage(features, labels, classes, task_sizes, settings, task_ids, cu
     with clock.part("statistics"):
         moments = ClassMoments.from_features(features, labels, list(range(classes)))
         means, covs = moments.gaussians(1e-4)
+        covs = covs.float()  # what SLCA stores and factors (as the reference's MultivariateNormal: float32)
     with clock.part("factorisation"):
         chol, _ = cholesky_with_jitter(covs)
     head = make_head(features.shape[1], task_sizes)

@@ -243,7 +243,8 @@ class MOS(Method):
         epoch, in batches of the same size, without logit normalisation or mean shrinking."""
         p = self.params
         device = ctx.device
-        chol, jitter = cholesky_with_jitter(self.covs.to(device, torch.float64))
+        # float32, as MultivariateNormal(mean.float(), cov.float()) does (sun-hailong/AAAI25-MOS models/mos.py:269)
+        chol, jitter = cholesky_with_jitter(self.covs.to(device, torch.float32))
         if jitter > 0:
             ctx.log(f"task {ctx.task}: a class covariance was not positive definite; added jitter {jitter:.3g}")
         settings = AlignmentSettings(epochs=p.ca_epochs, lr=p.ca_lr, momentum=p.ca_momentum,

@@ -90,7 +90,8 @@ class SLCA(Method):
         if self.lowrank is not None:
             chol = self.lowrank.to(device)
         else:
-            chol, jitter = cholesky_with_jitter(self.covs.to(device, torch.float64))
+            # float32, as MultivariateNormal(mean.float(), cov.float()) factors it (GengDavid/SLCA models/slca.py:205)
+            chol, jitter = cholesky_with_jitter(self.covs.to(device, torch.float32))
             if jitter > 0:
                 ctx.log(f"task {ctx.task}: a class covariance was not positive definite; added jitter {jitter:.3g}")
         head = copy.deepcopy(model.head).to(device).float()
