@@ -119,3 +119,9 @@ def test_augmentation_is_seeded_per_image_and_epoch(tiny_npz):
     assert torch.equal(wider[5][0], first)
     dataset.set_epoch(1)
     assert not torch.equal(dataset[5][0], first)
+    # the draws are torchvision's from the CPU generator seeded with the image's seed: what torch.manual_seed gave
+    dataset.set_epoch(0)
+    index = int(dataset.indices[5])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(((7 * 1_000_003 + 0) * 100_003 + index) % 2**63)
+        assert torch.equal(train_tf(data.train.image(index)), first)
