@@ -136,7 +136,7 @@ def test_kd_absorbs_a_spanned_direction_into_the_earlier_magnitudes_by_hand():
     lora = _absorbable_lora()
     factors = [(lora.down[t][0, 0].clone(), lora.up[t][0, 0].clone()) for t in range(3)]
     scale = [float(torch.norm(b) * torch.norm(a)) for a, b in factors]
-    fits = {(layer, which): residual for layer, which, residual in lora.absorb_last(threshold=9e-4)}
+    fits = {(layer, which): residual for layer, which, residual, _ in lora.absorb_last(threshold=9e-4)}
     assert fits[(0, 0)] < 1e-6 and all(r > 0.1 for key, r in fits.items() if key != (0, 0))
     # D2 = B2 A2 / s2 = (0.5 s0 D0 - 0.3 s1 D1) / s2: Eq. 7's coefficients are 0.5 s0 / s2 and -0.3 s1 / s2
     offsets = lora.magnitude_offsets
@@ -163,8 +163,8 @@ def test_the_gram_from_factors_equals_dense_least_squares():
     assert torch.allclose(lora.direction_gram(1, 1), dense.T @ dense, atol=1e-10)
     solution = torch.linalg.lstsq(dense[:, :2], dense[:, 2:], driver="gelsd").solution.squeeze(1)
     residual = float(torch.norm(dense[:, 2] - dense[:, :2] @ solution))
-    fits = {(layer, which): r for layer, which, r in lora.absorb_last(threshold=0.0)}
-    assert fits[(1, 1)] == pytest.approx(residual, rel=1e-6)
+    fits = {(layer, which): (r, norm) for layer, which, r, norm in lora.absorb_last(threshold=0.0)}
+    assert fits[(1, 1)] == pytest.approx((residual, float(torch.norm(dense[:, 2]))), rel=1e-6)
 
 
 def test_kd_in_a_run_absorbs_every_direction_under_a_loose_threshold_and_resumes(tiny_npz, tmp_path):

@@ -83,9 +83,11 @@ class SDLoRA(Method):
         if self.params.kd_threshold is None or ctx.task == 0:  # LibContinual sd_lora.py:145: from the second task
             return
         fits = model.sd_lora.absorb_last(self.params.kd_threshold)
-        absorbed = sum(residual <= self.params.kd_threshold for _, _, residual in fits)
+        absorbed = sum(residual <= self.params.kd_threshold for _, _, residual, _ in fits)
+        relative = [residual / norm for *_, residual, norm in fits if norm > 0]
         ctx.log(f"SD-LoRA-KD: {absorbed} of {len(fits)} new directions absorbed; residuals "
-                f"{min(r for *_, r in fits):.3g} to {max(r for *_, r in fits):.3g}")
+                f"{min(r for *_, r, _ in fits):.3g} to {max(r for *_, r, _ in fits):.3g} "
+                f"({min(relative, default=0):.3f} to {max(relative, default=0):.3f} of ||D_t||)")
 
     def task_summary(self, model, ctx: TaskContext) -> dict:
         lora = model.sd_lora

@@ -94,7 +94,7 @@ class DecoupledLoRA(HookedTuner):
         """SD-LoRA-KD (arXiv 2501.13198 Eq. 7-8, Algorithm 1 lines 10-12): on every block and slice, fit the last
         task's normalised direction by the earlier ones in the least-squares sense; where the residual's Frobenius
         norm is at most ``threshold``, add the coefficients to the earlier magnitudes (as offsets) and zero the new
-        direction. Returns (block, slice, residual) for every fit."""
+        direction. Returns (block, slice, residual, ||D_t||_F) for every fit."""
         last = len(self.down) - 1
         fits = []
         for layer in range(self.layers):
@@ -103,7 +103,7 @@ class DecoupledLoRA(HookedTuner):
                 earlier, target = gram[:last, :last], gram[:last, last]
                 coefficients = torch.linalg.pinv(earlier, hermitian=True) @ target  # min-norm: absorbed ones get 0
                 residual = float((gram[last, last] - coefficients @ target).clamp_min(0.0).sqrt())
-                fits.append((layer, which, residual))
+                fits.append((layer, which, residual, float(gram[last, last].sqrt())))
                 if residual <= threshold:
                     offsets = self.magnitude_offsets[:last, layer, which]
                     offsets += coefficients.to(offsets)
