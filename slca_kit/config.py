@@ -62,6 +62,10 @@ class DataConfig:
     # Unreadable image files: "fail" stops with the file's path when it is first read; "skip" decodes every image
     # once at start, leaves the unreadable ones out and counts them in results.json.
     bad_images: str = "fail"
+    # Decode the training images once into one uint8 array and apply the train transform's crop, flip and
+    # brightness to whole batches on the accelerator (slca_kit/data/device_augment.py), for benchmarks whose images
+    # share one small size (CIFAR-100). Off: the reference's per-image PIL pipeline in the loader.
+    augment_on_device: bool = False
 
 
 @dataclass
@@ -503,5 +507,8 @@ def validate_config(cfg: Config) -> None:
         value = getattr(cfg.backbone, key)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"backbone.{key}: file not found: {value}")
+    if cfg.data.augment_on_device and cfg.train.feature_cache:
+        raise ConfigError("data.augment_on_device: cannot be combined with train.feature_cache (the cache already "
+                          "takes the images out of the loop); set one of them to false")
     if sorted(cfg.train.milestones) != cfg.train.milestones:
         raise ConfigError(f"train.milestones: must be increasing, got {cfg.train.milestones}")

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import feature_cache
 from .config import Config
+from .data.device_augment import AugmentedLoader, BatchAugment, DecodedTaskDataset, decode_all
 from .data.task_data import EpochShuffleSampler, TaskDataset
 from .preemption import ignore_stop_signals
 
@@ -26,6 +27,25 @@ class TaskImages:
         self.accelerator = accelerator
         self.model = model  # the trainer's current model (it is replaced after each task's unwrap)
         self.run_dir = run_dir
+        self._decoded_train = None
+
+    def training_dataset(self, classes: list[int], augment_seed: int, extra_indices: list[int]) -> TaskDataset:
+        """A task's training images with the train transform: per image in the loader, or with
+        ``data.augment_on_device`` decoded once and left for ``training_loader`` to augment on the device."""
+        if not self.config.data.augment_on_device:
+            return TaskDataset(self.data.train, self.label_map, classes, self.train_transform,
+                               augment_seed=augment_seed, extra_indices=extra_indices)
+        if self._decoded_train is None:
+            self._decoded_train = (decode_all(self.data.train), BatchAugment(self.train_transform))
+        decoded, augment = self._decoded_train
+        return DecodedTaskDataset(decoded, augment, self.data.train, self.label_map, classes, self.train_transform,
+                                  augment_seed=augment_seed, extra_indices=extra_indices)
+
+    def training_loader(self, prepared_loader):
+        """The prepared loader, finishing each batch on the device with ``data.augment_on_device``."""
+        if not self.config.data.augment_on_device:
+            return prepared_loader
+        return AugmentedLoader(prepared_loader, self._decoded_train[1])
 
     def shard(self, dataset) -> Subset:
         """This process's share of ``dataset`` (every num_processes-th sample, no padding, no duplicates)."""

@@ -30,7 +30,7 @@ from . import feature_cache
 from .config import Config, TrainConfig
 from .data import build_scenario, load_data
 from .data.sources import check_images_per_class
-from .data.task_data import EpochShuffleSampler, TaskDataset
+from .data.task_data import EpochShuffleSampler
 from .data.transforms import build_transforms
 from .errors import CheckpointError, ConfigError, Preempted, RunFolderBusy
 from .evaluation import Evaluator
@@ -340,9 +340,9 @@ class Trainer:
 
     def _prepare_training(self, ctx: TaskContext, epochs: int) -> dict:
         accelerator = self.accelerator
-        dataset = TaskDataset(self.data.train, self.label_map, self.method.training_classes(ctx),
-                              self.train_transform, augment_seed=self.config.train.seed * 1_000 + ctx.task,
-                              extra_indices=self.method.extra_training_samples(ctx))
+        dataset = self.images.training_dataset(self.method.training_classes(ctx),
+                                               augment_seed=self.config.train.seed * 1_000 + ctx.task,
+                                               extra_indices=self.method.extra_training_samples(ctx))
         if self.config.train.feature_cache and feature_cache.only_head_trains(self.model):
             dataset = self.images.cached_features(ctx.task, dataset, self._timer)
         sampler = EpochShuffleSampler(len(dataset), self.config.train.seed * 1_000 + ctx.task)
@@ -351,8 +351,8 @@ class Trainer:
         optimizer = build_optimizer(groups, self.config.train)
         scheduler = build_scheduler(optimizer, self.config.train, epochs)
         model, optimizer, loader, scheduler = accelerator.prepare(self.model, optimizer, loader, scheduler)
-        return {"model": model, "optimizer": optimizer, "loader": loader, "scheduler": scheduler, "dataset": dataset,
-                "sampler": sampler}
+        return {"model": model, "optimizer": optimizer, "loader": self.images.training_loader(loader),
+                "scheduler": scheduler, "dataset": dataset, "sampler": sampler}
 
     def _train_epoch(self, prepared: dict, ctx: TaskContext, epoch: int, skip_steps: int = 0) -> None:
         """One epoch; with ``skip_steps`` > 0 the rest of an epoch a preempted run stopped in (its RNG state was
