@@ -19,10 +19,6 @@ from ..errors import ConfigError
 from .sources import ImageSplit
 from .task_data import TaskDataset
 
-# parameters per image: crop box x1, y1, x2, y2 (pixels of the decoded image), flip (0 / 1), brightness factor
-PARAMETERS = 6
-
-
 class BatchAugment:
     """The random crop / flip / brightness and the normalisation of a train transform (a ``T.Compose`` of the
     presets' steps), split into per-image parameter draws (``draw``, CPU, in the loader) and one batched
@@ -53,7 +49,8 @@ class BatchAugment:
         self.size = tuple(self.size) if isinstance(self.size, (list, tuple)) else (self.size, self.size)
 
     def draw(self, height: int, width: int) -> torch.Tensor:
-        """One image's parameters from the global RNG, in the PIL transform's order of draws."""
+        """One image's parameters from the global RNG, in the PIL transform's order of draws: crop box x1, y1, x2, y2
+        (pixels of the decoded image), flip (0 / 1), brightness factor."""
         x1, y1, x2, y2 = 0.0, 0.0, float(width), float(height)
         if isinstance(self.crop, T.RandomResizedCrop):
             top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(1, height, width), self.crop.scale,
