@@ -165,9 +165,13 @@ def per_image_costs(split, transform, count: int) -> dict[str, float]:
         torch.default_generator.manual_seed(((7 * 1_000_003) * 100_003 + index) % 2**63)
         torch.default_generator.set_state(state)
 
+    def seeding_before(index):  # what it did before: torch.manual_seed seeds every device's generator too
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((7 * 1_000_003) * 100_003 + index) % 2**63)
+
     return {"read the row": mean_us(split.image) - decode, "decode": decode,
             "transform": mean_us(lambda i: transform(read_already.image(i))),
-            "seed the augmentation": mean_us(seeding),
+            "seed the augmentation": mean_us(seeding), "(seeding with torch.manual_seed)": mean_us(seeding_before),
             "index + remap + seeding (TaskDataset's own)": mean_us(lambda i: own[i]),
             "TaskDataset item, whole": mean_us(lambda i: whole[i])}
 

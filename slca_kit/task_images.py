@@ -27,7 +27,12 @@ class TaskImages:
         self.accelerator = accelerator
         self.model = model  # the trainer's current model (it is replaced after each task's unwrap)
         self.run_dir = run_dir
-        self._decoded_train = None
+        # data.augment_on_device: the transform's batched form and the decoded training split, made here so that
+        # an unsupported transform or images of mixed sizes are refused before any training
+        self._batch_augment = self._decoded_train = None
+        if config.data.augment_on_device:
+            self._batch_augment = BatchAugment(self.train_transform)
+            self._decoded_train = decode_all(data.train)
 
     def training_dataset(self, classes: list[int], augment_seed: int, extra_indices: list[int]) -> TaskDataset:
         """A task's training images with the train transform: per image in the loader, or with
@@ -35,17 +40,14 @@ class TaskImages:
         if not self.config.data.augment_on_device:
             return TaskDataset(self.data.train, self.label_map, classes, self.train_transform,
                                augment_seed=augment_seed, extra_indices=extra_indices)
-        if self._decoded_train is None:
-            self._decoded_train = (decode_all(self.data.train), BatchAugment(self.train_transform))
-        decoded, augment = self._decoded_train
-        return DecodedTaskDataset(decoded, augment, self.data.train, self.label_map, classes, self.train_transform,
-                                  augment_seed=augment_seed, extra_indices=extra_indices)
+        return DecodedTaskDataset(self._decoded_train, self._batch_augment, self.data.train, self.label_map, classes,
+                                  self.train_transform, augment_seed=augment_seed, extra_indices=extra_indices)
 
     def training_loader(self, prepared_loader):
         """The prepared loader, finishing each batch on the device with ``data.augment_on_device``."""
         if not self.config.data.augment_on_device:
             return prepared_loader
-        return AugmentedLoader(prepared_loader, self._decoded_train[1])
+        return AugmentedLoader(prepared_loader, self._batch_augment)
 
     def shard(self, dataset) -> Subset:
         """This process's share of ``dataset`` (every num_processes-th sample, no padding, no duplicates)."""

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from slca_kit import checkpoint as ckpt
 from slca_kit.config import DataConfig
@@ -55,8 +56,6 @@ def test_a_whole_image_box_is_interpolation_and_same_size_is_to_tensor_normalize
         flipped[:, 4] = 1
         assert torch.allclose(augment.apply(images, flipped), ((expected - mean) / std).flip(-1), atol=1e-4)
     plain = _transforms("none", 32)[0]  # the PIL path at the native size is ToTensor + Normalize
-    from PIL import Image
-
     pil = torch.stack([plain(Image.fromarray(image)) for image in _smooth_images(3)])
     assert torch.allclose(BatchAugment(plain).apply(images, whole), pil, atol=1e-5)
 
@@ -114,10 +113,23 @@ def test_bad_input_is_refused(tiny_npz, tmp_path):
         recipe = tiny_recipe(tiny_npz, tmp_path, data={"augment_on_device": True}, train={"feature_cache": True})
         config_from_dict(recipe)
     split = ArraySplit(np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]), "mixed")
-    split.image = lambda index: __import__("PIL.Image").Image.new("RGB", (8 + index, 8))
+    split.image = lambda index: Image.new("RGB", (8 + index, 8))
     with pytest.raises(ConfigError, match="image 1 is 9x8 px, image 0 is 8x8"):
         decode_all(split)
     from torchvision import transforms as T
 
     with pytest.raises(ConfigError, match="has no batched form"):
         BatchAugment(T.Compose([T.RandomRotation(10), T.ToTensor()]))
+
+
+def test_images_of_mixed_sizes_are_refused_when_the_trainer_is_built(tmp_path):
+    for split, sizes in (("train", [(8, 8), (8, 8), (9, 8), (8, 8)]), ("test", [(8, 8)] * 2)):
+        for index, size in enumerate(sizes):
+            folder = tmp_path / "images" / split / f"class_{index % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", size, color=(index * 40, 0, 0)).save(folder / f"{index}.png")
+    recipe = tiny_recipe(tmp_path / "unused.npz", tmp_path / "runs", scenario={"increment": 1},
+                         data={"source": "imagefolder", "path": str(tmp_path / "images"), "num_classes": 2,
+                               "augment_on_device": True})
+    with pytest.raises(ConfigError, match="is 9x8 px, image 0 is 8x8"):
+        Trainer(config_from_dict(recipe))

@@ -41,7 +41,7 @@ class TaskDataset(Dataset):
             return self._load(index), int(self.labels[item])
         # Only the CPU generator, which torchvision's transforms draw from, is seeded and then restored: the global
         # RNG (dropout, drop-path) is left as it was. torch.manual_seed would also seed every accelerator's
-        # generator and costs about 125 us an image, against 2 us.
+        # generator and costs 170-190 us an image, against 2-3 us (benchmarks/data_pipeline.py).
         generator = torch.default_generator
         state = generator.get_state()
         generator.manual_seed(((self.augment_seed * 1_000_003 + self.epoch) * 100_003 + index) % 2**63)
