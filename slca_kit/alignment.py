@@ -210,11 +210,11 @@ def train_on_samples(forward: Callable[[torch.Tensor], torch.Tensor], named_para
             if settings.tau is not None:
                 logits = normalized_logits(logits, task_sizes, settings.tau)
             loss = F.cross_entropy(logits, targets[start:start + settings.batch_size])
-            ensure_finite_loss(loss, "classifier alignment", current_task, epoch, step, hint=ALIGNMENT_HINT)
+            losses.append(ensure_finite_loss(loss, "classifier alignment", current_task, epoch, step,
+                                             hint=ALIGNMENT_HINT))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
         scheduler.step()
         ensure_finite_tensors(named_parameters, "aligned head parameter", "classifier alignment",
                               current_task, epoch, hint=ALIGNMENT_HINT)

@@ -380,8 +380,8 @@ class Trainer:
         for step, (images, labels) in enumerate(batches, start=skip_steps):
             with accelerator.accumulate(model):
                 loss = self.method.training_loss(model, images, labels, ctx)
-                ensure_finite_loss(loss, "training", ctx.task, epoch, step, hint=" (lower train.lr?)")
-                progress.update(loss.item(), len(labels))
+                value = ensure_finite_loss(loss, "training", ctx.task, epoch, step, hint=" (lower train.lr?)")
+                progress.update(value, len(labels))
                 accelerator.backward(loss)
                 if self.config.train.grad_clip is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
