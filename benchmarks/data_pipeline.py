@@ -11,7 +11,8 @@ slca_kit's ``imagefolder`` source (``datasets``' imagefolder builder, decoded by
 For each, at 0, 2 and N (= CPU count) workers: slca_kit's training loader (``TaskDataset`` with the preset's train
 transform, per-image augmentation seeding, the trainer's sampler and batch size) against the plain loader the
 reference codes use (torchvision ``ImageFolder`` or the decoded ``datasets`` rows, the same transform, shuffle), over
-``--epochs`` epochs each (worker start-up included, as a run pays it every epoch); the ratio is slca_kit / plain.
+``--epochs`` epochs each (worker start-up included, as a run pays it every epoch), the two loaders alternating pass
+by pass; the ratio is the median of slca_kit / plain over adjacent passes.
 Then, at 0 workers, microseconds per image for: decoding, the transform, reading the row, seeding the augmentation,
 and the rest of ``TaskDataset.__getitem__`` (label remapping, index indirection). The model's images/s is a
 random-init ViT-B/16 at 224 px training at batch 8 on this machine (or ``--model-images-per-s`` from a GPU run of
@@ -116,19 +117,30 @@ def on_device_loader(decoded: np.ndarray, split, transform, batch: int, workers:
     return AugmentedLoader(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers), augment)
 
 
-def epoch_rate(loader: DataLoader, epochs: int) -> float:
-    """Median images/s over ``epochs`` full passes, each including its workers' start-up."""
-    rates = []
+def epoch_rate(loader: DataLoader, epoch: int) -> float:
+    """Images/s of one full pass, its workers' start-up included."""
+    inner = getattr(loader, "loader", loader)
+    if hasattr(inner.sampler, "set_epoch"):
+        inner.sampler.set_epoch(epoch)
+        inner.dataset.set_epoch(epoch)
+    start, count = time.perf_counter(), 0
+    for images, _ in loader:
+        count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def paired_rates(ours: DataLoader, plain: DataLoader, epochs: int) -> tuple[float, float, float]:
+    """Median images/s of each loader and the median ratio ours / plain of adjacent passes: the two alternate pass
+    by pass (which goes first too), so that drifts in the machine's speed cancel."""
+    pairs = []
     for epoch in range(epochs):
-        inner = getattr(loader, "loader", loader)
-        if hasattr(inner.sampler, "set_epoch"):
-            inner.sampler.set_epoch(epoch)
-            inner.dataset.set_epoch(epoch)
-        start, count = time.perf_counter(), 0
-        for images, _ in loader:
-            count += len(images)
-        rates.append(count / (time.perf_counter() - start))
-    return statistics.median(rates)
+        if epoch % 2:
+            plain_rate = epoch_rate(plain, epoch)
+            pairs.append((epoch_rate(ours, epoch), plain_rate))
+        else:
+            pairs.append((epoch_rate(ours, epoch), epoch_rate(plain, epoch)))
+    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+            statistics.median(a / b for a, b in pairs))
 
 
 class ReadAlready:
@@ -198,7 +210,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256, help="training images per source")
     parser.add_argument("--classes", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=3, help="timed passes per loader (median)")
+    parser.add_argument("--epochs", type=int, default=6, help="timed passes per loader (median)")
     parser.add_argument("--batch", type=int, default=48, help="the presets' batch (SLCA: 128; 48 keeps it short)")
     parser.add_argument("--model-images-per-s", type=float, default=None,
                         help="the model's training images/s (default: ViT-B/16 measured here on the CPU)")
@@ -232,11 +244,11 @@ def main() -> None:
         best = {}
         for name, split, plain, transform in cases:
             for count in workers:
-                ours = epoch_rate(slca_loader(split, transform, args.batch, count), args.epochs)
-                reference = epoch_rate(DataLoader(plain, batch_size=args.batch, shuffle=True, num_workers=count),
-                                       args.epochs)
+                ours, reference, ratio = paired_rates(
+                    slca_loader(split, transform, args.batch, count),
+                    DataLoader(plain, batch_size=args.batch, shuffle=True, num_workers=count), args.epochs)
                 best[name] = max(best.get(name, 0.0), ours)
-                print(f"  {name:36s} {count:2d} workers: {ours:8.1f} | {reference:8.1f} | {ours / reference:.3f}")
+                print(f"  {name:36s} {count:2d} workers: {ours:8.1f} | {reference:8.1f} | {ratio:.3f}")
         start = time.perf_counter()
         decoded = decode_all(small_split)
         print(f"\ndata.augment_on_device, 32 px PNG (CIFAR-like): decoding once took "
@@ -244,10 +256,11 @@ def main() -> None:
               "on this CPU, images/s "
               "(on device | per-image PIL path | ratio)")
         for count in workers:
-            ours = epoch_rate(on_device_loader(decoded, small_split, small_transform, args.batch, count), args.epochs)
-            per_image = epoch_rate(slca_loader(small_split, small_transform, args.batch, count), args.epochs)
+            ours, per_image, ratio = paired_rates(
+                on_device_loader(decoded, small_split, small_transform, args.batch, count),
+                slca_loader(small_split, small_transform, args.batch, count), args.epochs)
             best["32 px PNG, augment_on_device"] = max(best.get("32 px PNG, augment_on_device", 0.0), ours)
-            print(f"  {count:2d} workers: {ours:8.1f} | {per_image:8.1f} | {ours / per_image:.2f}")
+            print(f"  {count:2d} workers: {ours:8.1f} | {per_image:8.1f} | {ratio:.2f}")
         print("\nslca_kit's per-image path at 0 workers (microseconds per image)")
         for name, split, _, transform in cases:
             costs = per_image_costs(split, transform, min(args.images, 128))

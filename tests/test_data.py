@@ -55,6 +55,34 @@ def test_imagefolder_with_train_and_test(tmp_path):
     assert data.train.image(0).size == (16, 16)
 
 
+def test_imagefolder_images_are_opened_by_their_stored_paths_in_the_view_order(tmp_path):
+    """Path-only rows (the imagefolder builder's) are opened from the paths read once; a shuffled and selected view
+    maps them; rows that hold the bytes still go through the dataset. Each image equals the file it names."""
+    import io
+
+    from datasets import Image as ImageFeature
+
+    from slca_kit.data.sources import HubSplit
+
+    _image_folder(tmp_path)
+    data = load_data(DataConfig(source="imagefolder", path=str(tmp_path), num_classes=3))
+    assert data.train._paths is not None
+    view = data.train.dataset.shuffle(seed=3).select([5, 0, 7, 2])
+    split = HubSplit(view, "image", np.zeros(4, dtype=np.int64), "view")
+    rows = [view[i]["image"] for i in range(4)]
+    assert split._paths == [row["path"] for row in rows]
+    for index, row in enumerate(rows):
+        assert np.array_equal(np.asarray(split.image(index)), np.asarray(Image.open(row["path"]).convert("RGB")))
+    stored = view.cast_column("image", ImageFeature(decode=False)).map(
+        lambda row: {"image": {"bytes": open(row["image"]["path"], "rb").read(), "path": None}})
+    with_bytes = HubSplit(stored, "image", np.zeros(4, dtype=np.int64), "bytes")
+    assert with_bytes._paths is None
+    for index, row in enumerate(rows):
+        expected = Image.open(io.BytesIO(stored[index]["image"]["bytes"])).convert("RGB")
+        assert np.array_equal(np.asarray(with_bytes.image(index)), np.asarray(expected))
+        assert np.array_equal(np.asarray(with_bytes.image(index)), np.asarray(split.image(index)))
+
+
 def test_imagefolder_single_split_needs_test_fraction(tmp_path):
     _image_folder(tmp_path, splits=("all",))
     root = tmp_path / "all"

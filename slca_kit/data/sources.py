@@ -89,32 +89,51 @@ class HubSplit(ImageSplit):
             dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
         self.dataset = dataset
         self.image_column = image_column
+        # Files stored by path alone (the imagefolder builder's rows): the paths are read once, so that an image is
+        # opened without formatting its dataset row (benchmarks/data_pipeline.py: "read the row")
+        paths, stored_bytes = self._arrow_field("path"), self._arrow_field("bytes")
+        path_only = (paths is not None and stored_bytes is not None and not paths.null_count
+                     and stored_bytes.null_count == len(stored_bytes))
+        self._paths = self._in_view_order(paths.to_pylist()) if path_only else None
 
     def image(self, index: int) -> Image.Image:
+        if self._paths is not None:
+            return self._open(self._paths[int(index)], None, self._paths[int(index)])
         value = self.dataset[int(index)][self.image_column]
         if isinstance(value, Image.Image):
             return value.convert("RGB")
-        source = value.get("path") or f"{self.name}[{index}]"
+        return self._open(value.get("path"), value.get("bytes"), value.get("path") or f"{self.name}[{index}]")
+
+    def _open(self, path: str | None, data: bytes | None, source: str) -> Image.Image:
         try:
-            opened = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-            return opened.convert("RGB")
+            return (Image.open(io.BytesIO(data)) if data else Image.open(path)).convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise UnreadableImage(self.name, source, str(err)) from None
+
+    def _arrow_field(self, field: str) -> Any:
+        """The image column's struct field ``field`` for every stored row (read from Arrow without the other
+        fields); None when the column is not a struct with it."""
+        import pyarrow.compute as pc
+
+        try:
+            return pc.struct_field(self.dataset.data.column(self.image_column), field)
+        except (TypeError, ValueError, KeyError, NotImplementedError):
+            return None
+
+    def _in_view_order(self, values: list) -> list:
+        """Per-stored-row ``values`` in the order of this dataset's rows (a selected / shuffled view maps them)."""
+        if self.dataset._indices is None:
+            return values
+        return [values[row] for row in self.dataset._indices.column(0).to_pylist()]
 
     def sample_ids(self) -> list[str]:
         """"class-folder/file" from the stored paths (read from Arrow without the image bytes); row numbers when
         the dataset stores no paths."""
-        import pyarrow.compute as pc
-
-        column = self.dataset.data.column(self.image_column)
-        try:
-            paths = pc.struct_field(column, "path").to_pylist()
-        except (TypeError, ValueError, KeyError, NotImplementedError):
+        paths = self._arrow_field("path")
+        if paths is None:
             return super().sample_ids()
-        if self.dataset._indices is not None:  # a selected / shuffled view: rows in the view's order
-            paths = [paths[row] for row in self.dataset._indices.column(0).to_pylist()]
         return ["/".join(path.replace("\\", "/").split("/")[-2:]) if path else f"#{row:08d}"
-                for row, path in enumerate(paths)]
+                for row, path in enumerate(self._in_view_order(paths.to_pylist()))]
 
 
 class ConcatSplit(ImageSplit):
