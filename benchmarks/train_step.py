@@ -118,8 +118,9 @@ def plain_path(model, args, data, device):
     return model, loader, lambda epoch: plain_epoch(model, optimizer, loader, device)
 
 
-def compare(trainer, prepared, ctx, args, data) -> dict:
-    """Seconds per epoch of (b) slca_kit, (a) the plain loop and (a') the plain loop again, epoch by epoch."""
+def compare(trainer, prepared, ctx, args, data) -> tuple[dict, float]:
+    """Seconds per epoch of (b) slca_kit, (a) the plain loop and (a') the plain loop again, epoch by epoch, and the
+    step's floating-point operations per image."""
     device = trainer.accelerator.device
     plain_model, loader, plain = plain_path(trainer.model, args, data, device)
     paths = {"slca_kit": lambda epoch: trainer._train_epoch(prepared, ctx, epoch), "plain": plain,
@@ -134,8 +135,7 @@ def compare(trainer, prepared, ctx, args, data) -> dict:
             if epoch:  # the first epoch of each is a warm-up
                 seconds[name].append(time.perf_counter() - start)
     batch = next(iter(loader))
-    seconds["flops_per_image"] = step_flops(plain_model, batch[0].to(device), batch[1].to(device)) / len(batch[1])
-    return seconds
+    return seconds, step_flops(plain_model, batch[0].to(device), batch[1].to(device)) / len(batch[1])
 
 
 def main() -> None:
@@ -165,7 +165,7 @@ def main() -> None:
             labels = torch.as_tensor(probe.label_map[probe.data.train.labels], dtype=torch.long)
             data = PreDecoded(images, labels)
             trainer, prepared, ctx = prepare_trainer(config, data)
-            results[method] = compare(trainer, prepared, ctx, args, data)
+            results[method], flops_per_image = compare(trainer, prepared, ctx, args, data)
         precision = ", slca_kit in bf16" if args.bf16 else ""
         print(f"{args.shape} ViT, {args.images} images, batch {args.batch}, {args.epochs} timed epochs, device "
               f"{trainer.accelerator.device}, {torch.get_num_threads()} threads{precision}, slca_kit optimizer "
@@ -180,7 +180,6 @@ def main() -> None:
                   f"(epochs {np.min(plain / ours):.3f}-{np.max(plain / ours):.3f}; target >= 0.97 at fp32)  "
                   f"A/A {np.median(plain / again):.3f}  slca_kit adds {np.median(ours - plain) / steps * 1e6:6.0f} "
                   f"us of a {np.median(plain) / steps * 1e3:.2f} ms step")
-        flops_per_image = results["slca"]["flops_per_image"]
         achieved = args.images / np.median(results["slca"]["slca_kit"]) * flops_per_image / 1e12
         mfu = f", MFU {achieved / args.peak_tflops:.1%}" if args.peak_tflops else " (--peak-tflops for MFU)"
         print(f"  slca_kit training step: {flops_per_image / 1e9:.2f} GFLOP per image, {achieved:.3f} TFLOP/s{mfu}")

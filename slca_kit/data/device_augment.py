@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from .sources import ImageSplit
 from .task_data import TaskDataset
 
+
 class BatchAugment:
     """The random crop / flip / brightness and the normalisation of a train transform (a ``T.Compose`` of the
     presets' steps), split into per-image parameter draws (``draw``, CPU, in the loader) and one batched
@@ -46,7 +47,7 @@ class BatchAugment:
             elif not isinstance(step, T.ToTensor):
                 raise ConfigError(f"data.augment_on_device: the train transform's step {step} has no batched form; "
                                   "supported: the cifar, imagenet_r, cub_cars, pilot, pilot_cifar and none presets")
-        self.size = tuple(self.size) if isinstance(self.size, (list, tuple)) else (self.size, self.size)
+        self.size, self.resize = _pair(self.size), _pair(self.resize)
 
     def draw(self, height: int, width: int) -> torch.Tensor:
         """One image's parameters from the global RNG, in the PIL transform's order of draws: crop box x1, y1, x2, y2
@@ -57,7 +58,7 @@ class BatchAugment:
                                                              self.crop.ratio)
             x1, y1, x2, y2 = left, top, left + w, top + h
         elif isinstance(self.crop, T.RandomCrop):  # a crop of the image resized to self.resize
-            big_h, big_w = self.resize if isinstance(self.resize, (list, tuple)) else (self.resize, self.resize)
+            big_h, big_w = self.resize
             top, left, h, w = T.RandomCrop.get_params(torch.empty(1, big_h, big_w), self.size)
             sy, sx = height / big_h, width / big_w
             x1, y1, x2, y2 = left * sx, top * sy, (left + w) * sx, (top + h) * sy
@@ -82,6 +83,11 @@ class BatchAugment:
         x = F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False).clamp_(0, 1)
         x = (x * p[:, 5, None, None, None]).clamp_(0, 1)  # adjust_brightness: a blend with black
         return (x - self.mean.to(x)[:, None, None]) / self.std.to(x)[:, None, None]
+
+
+def _pair(size):
+    """A transform's size as (height, width); None stays None."""
+    return tuple(size) if isinstance(size, (list, tuple)) else size if size is None else (size, size)
 
 
 def decode_all(split: ImageSplit) -> np.ndarray:

@@ -90,7 +90,7 @@ class DecoupledLoRA(HookedTuner):
         return gram
 
     @torch.no_grad()
-    def absorb_last(self, threshold: float) -> list[tuple[int, int, float]]:
+    def absorb_last(self, threshold: float) -> list[tuple[int, int, float, float]]:
         """SD-LoRA-KD (arXiv 2501.13198 Eq. 7-8, Algorithm 1 lines 10-12): on every block and slice, fit the last
         task's normalised direction by the earlier ones in the least-squares sense; where the residual's Frobenius
         norm is at most ``threshold``, add the coefficients to the earlier magnitudes (as offsets) and zero the new
