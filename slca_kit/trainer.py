@@ -21,7 +21,8 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -60,6 +61,17 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **impl)
     optimizer_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return optimizer_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
+
+
+def optimizer_to_step(optimizer: AcceleratedOptimizer, accelerator: Accelerator):
+    """The optimizer the loop steps and clears, only at steps where gradients sync. accelerate's wrapper does work of
+    its own only with a gradient scaler (fp16), on XLA and for LOMO optimizers (``build_optimizer`` makes none);
+    otherwise its ``step`` and ``zero_grad`` pass through when gradients sync, at ~0.1 ms a step (``step`` looks up
+    the ``lomo_optim`` package with importlib twice, ``zero_grad`` calls ``inspect.signature``: accelerate
+    optimizer.py), so then the wrapped torch optimizer is stepped directly (benchmarks/train_step.py)."""
+    passes_through = (type(optimizer) is AcceleratedOptimizer and optimizer.scaler is None
+                      and accelerator.distributed_type != DistributedType.XLA)
+    return optimizer.optimizer if passes_through else optimizer
 
 
 def compile_backbone(backbone: torch.nn.Module, backend: str) -> None:
@@ -358,7 +370,7 @@ class Trainer:
         """One epoch; with ``skip_steps`` > 0 the rest of an epoch a preempted run stopped in (its RNG state was
         restored with the checkpoint, its first ``skip_steps`` micro-batches are left out)."""
         accelerator = self.accelerator
-        model, optimizer = prepared["model"], prepared["optimizer"]
+        model, optimizer = prepared["model"], optimizer_to_step(prepared["optimizer"], accelerator)
         if not skip_steps:
             self._seed(ctx.task, epoch + 1)
         # accelerate's loader re-sets its sampler's (and sometimes the dataset's) epoch to its own iteration count
@@ -383,12 +395,12 @@ class Trainer:
                 value = ensure_finite_loss(loss, "training", ctx.task, epoch, step, hint=" (lower train.lr?)")
                 progress.update(value, len(labels))
                 accelerator.backward(loss)
-                if self.config.train.grad_clip is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients:  # an update every gradient_accumulation_steps micro-batches
+                    if self.config.train.grad_clip is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
+                    optimizer.step()
                     self.method.after_optimizer_step(self.model, ctx)
-                optimizer.zero_grad(set_to_none=True)
+                    optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 self._stop_if_asked(f"task {ctx.task}, epoch {epoch}, step {step}", None, (ctx.task, epoch, step))
         progress.close()

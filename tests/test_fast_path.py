@@ -53,3 +53,40 @@ def test_an_unknown_compile_backend_or_optimizer_impl_is_refused(tiny_npz, tmp_p
         _run(tiny_npz, tmp_path, compile_backend="fast")
     with pytest.raises(ConfigError, match="train.optimizer_impl"):
         _run(tiny_npz, tmp_path, optimizer_impl="turbo")
+
+
+def test_the_loop_steps_the_torch_optimizer_only_where_accelerates_wrapper_adds_nothing():
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from slca_kit.trainer import optimizer_to_step
+
+    model = torch.nn.Linear(4, 2)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    accelerator = Accelerator(cpu=True)
+    passing = accelerator.prepare(inner)
+    assert optimizer_to_step(passing, accelerator) is inner
+    scaled = AcceleratedOptimizer(inner, device_placement=False, scaler=torch.amp.GradScaler("cpu"))
+    assert optimizer_to_step(scaled, accelerator) is scaled  # the scaler unscales and may skip a step
+
+    class EngineWrapper(AcceleratedOptimizer):  # e.g. accelerate's DeepSpeed optimizer wrapper
+        pass
+
+    engine = EngineWrapper(inner, device_placement=False)
+    assert optimizer_to_step(engine, accelerator) is engine
+
+
+def test_stepping_the_torch_optimizer_trains_as_accelerates_wrapper_does(tiny_npz, tmp_path, monkeypatch):
+    """With gradient accumulation (steps skipped between updates) and clipping, the same weights bit for bit."""
+    import slca_kit.trainer as trainer_module
+
+    train = {"gradient_accumulation_steps": 2, "grad_clip": 0.5, "epochs": 2}
+    direct, expected = _run(tiny_npz, tmp_path / "direct", **train)
+    monkeypatch.setattr(trainer_module, "optimizer_to_step", lambda optimizer, accelerator: optimizer)
+    wrapped, results = _run(tiny_npz, tmp_path / "wrapped", **train)
+    assert results["accuracy_matrix"] == expected["accuracy_matrix"]
+    ours, theirs = direct.model.state_dict(), wrapped.model.state_dict()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    untrained = Trainer(config_from_dict(tiny_recipe(tiny_npz, tmp_path / "untrained", method="seq_ft_sl")))
+    start = untrained.model.state_dict()
+    assert not all(torch.equal(ours[key], start[key]) for key in start)  # it trained
