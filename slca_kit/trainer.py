@@ -64,11 +64,11 @@ def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimiz
 
 
 def optimizer_to_step(optimizer: AcceleratedOptimizer, accelerator: Accelerator):
-    """The optimizer the loop steps and clears, only at steps where gradients sync. accelerate's wrapper does work of
-    its own only with a gradient scaler (fp16), on XLA and for LOMO optimizers (``build_optimizer`` makes none);
-    otherwise its ``step`` and ``zero_grad`` pass through when gradients sync, at ~0.1 ms a step (``step`` looks up
-    the ``lomo_optim`` package with importlib twice, ``zero_grad`` calls ``inspect.signature``: accelerate
-    optimizer.py), so then the wrapped torch optimizer is stepped directly (benchmarks/train_step.py)."""
+    """The optimizer the loop steps, only at steps where gradients sync. accelerate's wrapper does work of its own
+    only with a gradient scaler (fp16), on XLA and for LOMO optimizers (``build_optimizer`` makes none); otherwise its
+    ``step`` passes through when gradients sync, at ~0.1 ms a step (it looks up the ``lomo_optim`` package with
+    importlib twice: accelerate optimizer.py), so then the wrapped torch optimizer is stepped directly
+    (benchmarks/train_step.py)."""
     passes_through = (type(optimizer) is AcceleratedOptimizer and optimizer.scaler is None
                       and accelerator.distributed_type != DistributedType.XLA)
     return optimizer.optimizer if passes_through else optimizer
@@ -371,6 +371,9 @@ class Trainer:
         restored with the checkpoint, its first ``skip_steps`` micro-batches are left out)."""
         accelerator = self.accelerator
         model, optimizer = prepared["model"], optimizer_to_step(prepared["optimizer"], accelerator)
+        # Cleared through the torch optimizer: accelerate's wrapper skips zero_grad where gradients do not sync,
+        # which is where an accumulation window starts.
+        clear_gradients = functools.partial(prepared["optimizer"].optimizer.zero_grad, set_to_none=True)
         if not skip_steps:
             self._seed(ctx.task, epoch + 1)
         # accelerate's loader re-sets its sampler's (and sometimes the dataset's) epoch to its own iteration count
@@ -389,20 +392,27 @@ class Trainer:
         rates = learning_rates(optimizer)
         progress = EpochProgress(len(prepared["loader"]) - skip_steps, f"  epoch {epoch + 1}",
                                  accelerator.is_local_main_process, accelerator.num_processes, rates)
+        window_starts = True  # the first micro-batch of an accumulation window (of every step without accumulation)
         for step, (images, labels) in enumerate(batches, start=skip_steps):
             with accelerator.accumulate(model):
                 loss = self.method.training_loss(model, images, labels, ctx)
                 value = ensure_finite_loss(loss, "training", ctx.task, epoch, step, hint=" (lower train.lr?)")
                 progress.update(value, len(labels))
+                # The reference's order, zero_grad / backward / step (GengDavid/SLCA models/slca.py:130-132): the
+                # new gradients reuse the memory of the ones just freed; clearing after the step instead made the
+                # CPU step 3 % slower here (docs/performance.md).
+                if window_starts:
+                    clear_gradients()
                 accelerator.backward(loss)
+                window_starts = accelerator.sync_gradients
                 if accelerator.sync_gradients:  # an update every gradient_accumulation_steps micro-batches
                     if self.config.train.grad_clip is not None:
                         accelerator.clip_grad_norm_(model.parameters(), self.config.train.grad_clip)
                     optimizer.step()
                     self.method.after_optimizer_step(self.model, ctx)
-                    optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 self._stop_if_asked(f"task {ctx.task}, epoch {epoch}, step {step}", None, (ctx.task, epoch, step))
+        clear_gradients()  # none held past the epoch (evaluation, the methods' after-training stages)
         progress.close()
         trainable = ((name, p) for name, p in self.model.named_parameters() if p.requires_grad)
         ensure_finite_tensors(trainable, "parameter", "training", ctx.task, epoch, hint=" (lower train.lr?)")
