@@ -87,6 +87,7 @@ def test_stepping_the_torch_optimizer_trains_as_accelerates_wrapper_does(tiny_np
     assert results["accuracy_matrix"] == expected["accuracy_matrix"]
     ours, theirs = direct.model.state_dict(), wrapped.model.state_dict()
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert all(p.grad is None for p in direct.model.parameters())  # cleared after each epoch
     untrained = Trainer(config_from_dict(tiny_recipe(tiny_npz, tmp_path / "untrained", method="seq_ft_sl")))
     start = untrained.model.state_dict()
     assert not all(torch.equal(ours[key], start[key]) for key in start)  # it trained
