@@ -283,7 +283,8 @@ def test_config_differences_by_hand():
 
 
 def test_resume_accepts_a_run_stored_before_a_key_existed_when_it_has_its_default(tiny_npz, tmp_path):
-    """A run whose config.yaml predates backbone.source / revision and a method parameter added later resumes as before."""
+    """A run whose config.yaml predates backbone.source / revision and a method parameter added later resumes as
+    before."""
     recipe = _recipe(tiny_npz, tmp_path, "older", epochs=1)
     _first_task_only(recipe)
     stored_path = tmp_path / "older" / "config.yaml"

@@ -17,7 +17,8 @@ def reference_class_order(num_classes: int, seed: int | None) -> list[int]:
     return np.random.RandomState(seed).permutation(num_classes).tolist()
 
 
-def task_sizes_for(num_classes: int, init_classes: int | None, increment: int, remainder: str = "separate") -> list[int]:
+def task_sizes_for(num_classes: int, init_classes: int | None, increment: int,
+                   remainder: str = "separate") -> list[int]:
     """B{init}-Inc{increment}: the first task has ``init`` classes (``increment`` if None), then ``increment``
     each; leftover classes form a smaller last task (``separate``, Cars-196: 9 x 20 + 16) or join the last
     task (``merge``, Flowers-102: 9 x 10 + 12)."""
