@@ -98,7 +98,8 @@ class HubSplit(ImageSplit):
 
     def image(self, index: int) -> Image.Image:
         if self._paths is not None:
-            return self._open(self._paths[int(index)], None, self._paths[int(index)])
+            path = self._paths[int(index)]
+            return self._open(path, None, path)
         value = self.dataset[int(index)][self.image_column]
         if isinstance(value, Image.Image):
             return value.convert("RGB")
