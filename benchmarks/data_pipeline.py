@@ -15,9 +15,11 @@ reference codes use (torchvision ``ImageFolder`` or the decoded ``datasets`` row
 by pass; the ratio is the median of slca_kit / plain over adjacent passes.
 Then, at 0 workers, microseconds per image for: decoding, the transform, reading the row, seeding the augmentation,
 and the rest of ``TaskDataset.__getitem__`` (label remapping, index indirection). The model's images/s is a
-random-init ViT-B/16 at 224 px training at batch 8 on this machine (or ``--model-images-per-s`` from a GPU run of
-benchmarks/train_step.py). Usage:
-python benchmarks/data_pipeline.py [--images N] [--epochs N] [--batch N] [--model-images-per-s X]
+random-init ViT-B/16 at 224 px training on the device (fp32 at batch 8 on a CPU; bf16 autocast at batch 64 on a GPU),
+or ``--model-images-per-s`` (from benchmarks/train_step.py). With ``--device cuda`` every loader's batches are sent
+to the GPU, as the trainer's prepared loader sends them, the batched augmentation runs there, and each pass's clock
+waits for the GPU's queued work. Usage:
+python benchmarks/data_pipeline.py [--images N] [--epochs N] [--batch N] [--model-images-per-s X] [--device D]
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from accelerate.utils import send_to_device
 
 from slca_kit.config import DataConfig
 from slca_kit.data.device_augment import AugmentedLoader, BatchAugment, DecodedTaskDataset, decode_all
@@ -98,6 +102,26 @@ class PlainRows(Dataset):
         return self.transform(row["image"].convert("RGB")), row["label"]
 
 
+class ToDevice:
+    """A loader whose batches are sent to ``device``, as accelerate's prepared loader sends the trainer's."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield send_to_device(batch, self.device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on an accelerator, so that a clock read afterwards counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def slca_loader(split, transform, batch: int, workers: int) -> DataLoader:
     """What ``Trainer._prepare_training`` builds for a task of every class (seed 1993, task 0)."""
     classes = sorted(set(split.labels.tolist()))
@@ -106,39 +130,45 @@ def slca_loader(split, transform, batch: int, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
 
 
-def on_device_loader(decoded: np.ndarray, split, transform, batch: int, workers: int) -> AugmentedLoader:
-    """``data.augment_on_device``: images decoded once, parameters drawn in the loader, the batch augmented here
-    (this machine's CPU stands in for the accelerator)."""
+def on_device_loader(decoded: np.ndarray, split, transform, batch: int, workers: int,
+                     device: torch.device) -> AugmentedLoader:
+    """``data.augment_on_device``: images decoded once, parameters drawn in the loader, the batch augmented on
+    ``device`` (on a CPU-only machine its CPU stands in for the accelerator)."""
     classes = sorted(set(split.labels.tolist()))
     augment = BatchAugment(transform)
     dataset = DecodedTaskDataset(decoded, augment, split, np.arange(len(classes)), classes, transform,
                                  augment_seed=1993 * 1_000)
     sampler = EpochShuffleSampler(len(dataset), 1993 * 1_000)
-    return AugmentedLoader(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers), augment)
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
+    return AugmentedLoader(ToDevice(loader, device), augment)
 
 
-def epoch_rate(loader: DataLoader, epoch: int) -> float:
-    """Images/s of one full pass, its workers' start-up included."""
-    inner = getattr(loader, "loader", loader)
-    if hasattr(inner.sampler, "set_epoch"):
+def epoch_rate(loader, epoch: int, device: torch.device) -> float:
+    """Images/s of one full pass to ``device``, its workers' start-up included."""
+    inner = loader
+    while not isinstance(inner, DataLoader):
+        inner = inner.loader
+    if hasattr(inner.sampler, "set_epoch"):  # slca_kit's loaders
         inner.sampler.set_epoch(epoch)
         inner.dataset.set_epoch(epoch)
+    synchronize(device)
     start, count = time.perf_counter(), 0
-    for images, _ in loader:
+    for images, _ in (loader if isinstance(loader, (ToDevice, AugmentedLoader)) else ToDevice(loader, device)):
         count += len(images)
+    synchronize(device)
     return count / (time.perf_counter() - start)
 
 
-def paired_rates(ours: DataLoader, plain: DataLoader, epochs: int) -> tuple[float, float, float]:
+def paired_rates(ours, plain, epochs: int, device: torch.device) -> tuple[float, float, float]:
     """Median images/s of each loader and the median ratio ours / plain of adjacent passes: the two alternate pass
     by pass (which goes first too), so that drifts in the machine's speed cancel."""
     pairs = []
     for epoch in range(epochs):
         if epoch % 2:
-            plain_rate = epoch_rate(plain, epoch)
-            pairs.append((epoch_rate(ours, epoch), plain_rate))
+            plain_rate = epoch_rate(plain, epoch, device)
+            pairs.append((epoch_rate(ours, epoch, device), plain_rate))
         else:
-            pairs.append((epoch_rate(ours, epoch), epoch_rate(plain, epoch)))
+            pairs.append((epoch_rate(ours, epoch, device), epoch_rate(plain, epoch, device)))
     return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
             statistics.median(a / b for a, b in pairs))
 
@@ -188,19 +218,26 @@ def per_image_costs(split, transform, count: int) -> dict[str, float]:
             "TaskDataset item, whole": mean_us(lambda i: whole[i])}
 
 
-def model_rate(batch: int = 8, steps: int = 3) -> float:
-    """Training images/s of a random-init ViT-B/16 at 224 px (SGD, fp32) on this machine's CPU."""
+def model_rate(device: torch.device, batch: int, steps: int) -> float:
+    """Training images/s of a random-init ViT-B/16 at 224 px (SGD) on ``device``: fp32 on a CPU, bf16 autocast on a
+    GPU (the accelerator fast path)."""
     import timm
 
-    model = timm.create_model("vit_base_patch16_224", num_classes=100)
+    model = timm.create_model("vit_base_patch16_224", num_classes=100).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images, labels = torch.randn(batch, 3, 224, 224), torch.randint(0, 100, (batch,))
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, 100, (batch,), device=device)
+    precision = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     times = []
     for step in range(steps + 1):
+        synchronize(device)
         start = time.perf_counter()
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        with precision:
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
         optimizer.step()
+        synchronize(device)
         if step:  # the first step warms up
             times.append(time.perf_counter() - start)
     return batch / statistics.median(times)
@@ -213,12 +250,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="timed passes per loader (median)")
     parser.add_argument("--batch", type=int, default=48, help="the presets' batch (SLCA: 128; 48 keeps it short)")
     parser.add_argument("--model-images-per-s", type=float, default=None,
-                        help="the model's training images/s (default: ViT-B/16 measured here on the CPU)")
+                        help="the model's training images/s (default: ViT-B/16 measured here on the device)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where batches go and are augmented with augment_on_device (default: cuda when available)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     cpus = os.cpu_count() or 1
     workers = sorted({0, 2, cpus})
-    print(f"{cpus} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.images} images, batch "
-          f"{args.batch}, median of {args.epochs} epochs")
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"{cpus} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}{gpu}; "
+          f"{args.images} images, batch {args.batch}, median of {args.epochs} epochs")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ["HF_DATASETS_CACHE"] = str(root / "hf_cache")  # the imagefolder builder's cache, thrown away
@@ -246,27 +287,28 @@ def main() -> None:
             for count in workers:
                 ours, reference, ratio = paired_rates(
                     slca_loader(split, transform, args.batch, count),
-                    DataLoader(plain, batch_size=args.batch, shuffle=True, num_workers=count), args.epochs)
+                    DataLoader(plain, batch_size=args.batch, shuffle=True, num_workers=count), args.epochs, device)
                 best[name] = max(best.get(name, 0.0), ours)
                 print(f"  {name:36s} {count:2d} workers: {ours:8.1f} | {reference:8.1f} | {ratio:.3f}")
         start = time.perf_counter()
         decoded = decode_all(small_split)
         print(f"\ndata.augment_on_device, 32 px PNG (CIFAR-like): decoding once took "
               f"{time.perf_counter() - start:.2f} s ({decoded.nbytes / 2**20:.1f} MiB); loader + batched augmentation "
-              "on this CPU, images/s "
-              "(on device | per-image PIL path | ratio)")
+              f"on {device}, images/s (on device | per-image PIL path | ratio)")
         for count in workers:
             ours, per_image, ratio = paired_rates(
-                on_device_loader(decoded, small_split, small_transform, args.batch, count),
-                slca_loader(small_split, small_transform, args.batch, count), args.epochs)
+                on_device_loader(decoded, small_split, small_transform, args.batch, count, device),
+                slca_loader(small_split, small_transform, args.batch, count), args.epochs, device)
             best["32 px PNG, augment_on_device"] = max(best.get("32 px PNG, augment_on_device", 0.0), ours)
             print(f"  {count:2d} workers: {ours:8.1f} | {per_image:8.1f} | {ratio:.2f}")
         print("\nslca_kit's per-image path at 0 workers (microseconds per image)")
         for name, split, _, transform in cases:
             costs = per_image_costs(split, transform, min(args.images, 128))
             print(f"  {name}: " + ", ".join(f"{part} {value:.0f}" for part, value in costs.items()))
-    model = args.model_images_per_s or model_rate()
-    source = "given" if args.model_images_per_s else "ViT-B/16 224 px fp32 training, batch 8, this CPU"
+    model_batch, precision = (64, "bf16") if device.type == "cuda" else (8, "fp32")
+    model = args.model_images_per_s or model_rate(device, model_batch, steps=10 if device.type == "cuda" else 3)
+    source = ("given" if args.model_images_per_s
+              else f"ViT-B/16 224 px {precision} training, batch {model_batch}, {device}")
     print(f"\nmodel: {model:.1f} images/s ({source})")
     for name, rate in best.items():
         bottleneck = "the loader" if rate < model else "the model"
