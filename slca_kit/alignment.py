@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .finite import ensure_finite_loss, ensure_finite_tensors
+from .models.heads import IncrementalHead
 
 ALIGNMENT_HINT = " (lower method.params.ca_lr?)"
 
@@ -50,10 +51,14 @@ class ClassMoments:
             raise ValueError(f"classes at positions {bad} have fewer than 2 training samples: no covariance")
         n = self.counts[:, None]
         mean = self.sums / n
-        # two [K, d, d] allocations, the rest in place: at 200 x 768 each pass is 0.9 GB of float64
+        # one [K, d, d] allocation, the rest in place: at 200 x 768 each pass is 0.9 GB of float64
         cov = torch.baddbmm(self.outer, (n * mean)[:, :, None], mean[:, None, :], alpha=-1)
         cov.div_((n - 1)[:, :, None])
-        cov = (cov + cov.transpose(1, 2)).mul_(0.5)
+        # exactly symmetric, class by class through one d x d scratch: (C + C^T) / 2 over the whole batch read
+        # C^T across 0.9 GB and allocated another 0.9 GB, 3x slower here (docs/performance.md)
+        scratch = torch.empty_like(cov[0])
+        for one in cov:
+            one.copy_(torch.add(one, one.T, out=scratch)).mul_(0.5)
         cov.diagonal(dim1=-2, dim2=-1).add_(ridge)
         return mean, cov
 
@@ -110,22 +115,50 @@ class LowRankCovariances:
         return sum(t.numel() * t.element_size() for t in (self.basis, self.values, self.residual))
 
 
+class ReusedBuffers:
+    """Tensors kept from one call to the next while their shape, dtype and device stay the same. At 200 classes x
+    256 draws x 768-d one epoch's draws take 157 MB; allocated afresh each epoch, every page of them is faulted in
+    and zeroed again (docs/performance.md, classifier alignment)."""
+
+    def __init__(self):
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        kept = self._tensors.get(name)
+        if kept is None or kept.shape != torch.Size(shape) or kept.dtype != like.dtype or kept.device != like.device:
+            kept = self._tensors[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return kept
+
+
+def _empty(buffers: ReusedBuffers | None, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if buffers is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buffers.get(name, shape, like)
+
+
 def sample_gaussians(means: torch.Tensor, chol: torch.Tensor | LowRankCovariances, per_class: int,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator | None = None,
+                     buffers: ReusedBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``per_class`` samples from N(means[c], L_c L_c^T) for all classes at once: x = mu + z L^T; with
     ``LowRankCovariances``, x = mu + U (sqrt(values) z1) + sqrt(residual) z2, whose covariance is the low-rank one.
+    With ``buffers`` the draws are written into tensors kept there (the same numbers, bit for bit): the result is
+    overwritten by the next call with the same buffers.
 
     Returns features [C * per_class, d] and class positions [C * per_class] (0..C-1), grouped by class."""
     num_classes, dim = means.shape
+    shape = (num_classes, per_class, dim)
     if isinstance(chol, LowRankCovariances):
         rank = chol.values.shape[1]
-        low = torch.randn(num_classes, per_class, rank, generator=generator, device=means.device, dtype=means.dtype)
-        rest = torch.randn(num_classes, per_class, dim, generator=generator, device=means.device, dtype=means.dtype)
-        samples = (means[:, None, :] + (low * chol.values.sqrt()[:, None, :]) @ chol.basis.transpose(1, 2)
-                   + rest * chol.residual.sqrt()[:, None, :])
+        low = torch.randn((num_classes, per_class, rank), generator=generator,
+                          out=_empty(buffers, "low", (num_classes, per_class, rank), means))
+        rest = torch.randn(shape, generator=generator, out=_empty(buffers, "noise", shape, means))
+        samples = torch.bmm(low.mul_(chol.values.sqrt()[:, None, :]), chol.basis.transpose(1, 2),
+                            out=_empty(buffers, "samples", shape, means))
+        samples.add_(means[:, None, :]).add_(rest.mul_(chol.residual.sqrt()[:, None, :]))
     else:
-        noise = torch.randn(num_classes, per_class, dim, generator=generator, device=means.device, dtype=means.dtype)
-        samples = means[:, None, :] + noise @ chol.transpose(1, 2)
+        noise = torch.randn(shape, generator=generator, out=_empty(buffers, "noise", shape, means))
+        samples = torch.bmm(noise, chol.transpose(1, 2), out=_empty(buffers, "samples", shape, means))
+        samples.add_(means[:, None, :])
     positions = torch.arange(num_classes, device=means.device).repeat_interleave(per_class)
     return samples.reshape(-1, dim), positions
 
@@ -178,14 +211,17 @@ def align_classifier(head: nn.Module, means: torch.Tensor, chol: torch.Tensor | 
     scale = shrink_factors(class_task_ids, current_task) if settings.mean_shrink else torch.ones_like(means[:, 0])
     shifted = (means * scale[:, None].to(means)).float()
     chol = chol.float()
+    buffers = ReusedBuffers()
 
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = sample_gaussians(shifted, chol, settings.samples_per_class, generator)
+        inputs, targets = sample_gaussians(shifted, chol, settings.samples_per_class, generator, buffers)
         if settings.age_scale is not None:
             inputs = inputs / age_divisors(class_task_ids[targets], current_task, settings, generator)[:, None]
         return inputs, targets
 
-    return train_on_samples(head, list(head.named_parameters()), draw, current_task, task_sizes, settings, generator)
+    forward = head.forward_fused if isinstance(head, IncrementalHead) else head
+    return train_on_samples(forward, list(head.named_parameters()), draw, current_task, task_sizes, settings,
+                            generator)
 
 
 def train_on_samples(forward: Callable[[torch.Tensor], torch.Tensor], named_parameters: list[tuple[str, nn.Parameter]],
@@ -195,6 +231,7 @@ def train_on_samples(forward: Callable[[torch.Tensor], torch.Tensor], named_para
     """The alignment loop on drawn features: per epoch ``draw()`` fresh (features, targets), shuffle them, and take
     SGD steps on batches of ``settings.batch_size`` (only the first ``batches_per_epoch`` when set), logits
     normalised when ``settings.tau`` is set; cosine lr stepped per epoch. Returns the mean loss per epoch."""
+    buffers = ReusedBuffers()  # the shuffled draws: the previous epoch's are no longer read when the next are drawn
     optimizer = torch.optim.SGD([p for _, p in named_parameters], lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
@@ -202,7 +239,8 @@ def train_on_samples(forward: Callable[[torch.Tensor], torch.Tensor], named_para
     for epoch in range(settings.epochs):
         inputs, targets = draw()
         order = torch.randperm(inputs.shape[0], generator=generator, device=inputs.device)
-        inputs, targets = inputs[order], targets[order]
+        inputs = torch.index_select(inputs, 0, order, out=buffers.get("shuffled", tuple(inputs.shape), inputs))
+        targets = targets[order]
         starts = range(0, inputs.shape[0], settings.batch_size)
         losses = []
         for step, start in enumerate(starts[:batches_per_epoch]):

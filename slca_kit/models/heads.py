@@ -29,6 +29,18 @@ class IncrementalHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.cat([head(features) for head in self.heads], dim=1)
 
+    def forward_fused(self, features: torch.Tensor) -> torch.Tensor:
+        """The same logits as ``forward`` (GengDavid/SLCA convs/linears.py:93-100: per-block linear, then cat; up to
+        float rounding: another summation order) and the same gradients, as one matmul over every task's rows when each
+        block is a plain ``nn.Linear``: one [d, C] product instead of one [d, C_t] product per task, which at 200
+        classes in 10 tasks takes 26 % less time a step of classifier alignment on the CPU (docs/performance.md). Blocks
+        of other kinds (cosine heads) go through ``forward``."""
+        blocks = list(self.heads)
+        if len(blocks) < 2 or any(type(block) is not nn.Linear or block.bias is None for block in blocks):
+            return self(features)
+        return nn.functional.linear(features, torch.cat([block.weight for block in blocks]),
+                                    torch.cat([block.bias for block in blocks]))
+
 
 class CosineHead(nn.Module):
     """``sigma * cos(features, w_c)`` with a learnable scale ``sigma`` (init 1) and weights drawn from
