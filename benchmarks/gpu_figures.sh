@@ -4,12 +4,14 @@
 # output in its own file under OUTDIR (default: $OUT, the device tool's folder that comes back).
 #
 # Usage: benchmarks/gpu_figures.sh [--quick] [OUTDIR [PART ...]]
-#   PART      train_step_fp32, train_step_fast, ca_stage, data_pipeline (default: all four; on an H200 the first two
-#             take about 6-8 minutes, the last two about 4: split them over two calls of the device tool's 10 minutes)
+#   PART      train_step_fp32, train_step_fast, ca_stage, data_pipeline (default: all four). Not yet timed on a GPU:
+#             from ViT-B/16's FLOPs at H200 speeds and inductor's compile time, the first two should take 6-8 minutes
+#             and the last two about 4, so split them over two calls of the device tool (10 minutes a call).
 #   --quick   small sizes (tiny ViT, few images and epochs, 40 classes): checks that the script runs, on any machine.
 # Environment: PEAK_TFLOPS, the GPU's dense bf16 peak for MFU (default 989.4: H100 / H200 SXM, NVIDIA's datasheet).
 # A machine without `datasets` (data_pipeline.py needs it) installs the wheels in wheels/ if there are any: made
-# beforehand with `pip download --no-deps -d wheels datasets dill multiprocess` and carried along.
+# beforehand with `pip download --no-deps -d wheels datasets==5.2.0 dill==0.4.1
+# multiprocess==0.70.19` and carried along.
 set -euo pipefail
 quick=0
 if [[ "${1:-}" == "--quick" ]]; then quick=1; shift; fi
