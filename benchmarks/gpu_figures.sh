@@ -10,8 +10,8 @@
 #   --quick   small sizes (tiny ViT, few images and epochs, 40 classes): checks that the script runs, on any machine.
 # Environment: PEAK_TFLOPS, the GPU's dense bf16 peak for MFU (default 989.4: H100 / H200 SXM, NVIDIA's datasheet).
 # A machine without `datasets` (data_pipeline.py needs it) installs the wheels in wheels/ if there are any: made
-# beforehand with `pip download --no-deps -d wheels datasets==5.2.0 dill==0.4.1
-# multiprocess==0.70.19` and carried along.
+# beforehand for the machine's Python (3.12 on the device tool's GPU machines) with `pip download --no-deps
+# --python-version 3.12 --only-binary=:all: -d wheels datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19`, carried along.
 set -euo pipefail
 quick=0
 if [[ "${1:-}" == "--quick" ]]; then quick=1; shift; fi
