@@ -33,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-
-from accelerate.utils import send_to_device
 
 from slca_kit.config import DataConfig
 from slca_kit.data.device_augment import AugmentedLoader, BatchAugment, DecodedTaskDataset, decode_all
