@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import MultivariateNormal
 
+from _device import describe, synchronize
 from slca_kit import alignment
 from slca_kit.alignment import (AlignmentSettings, ClassMoments, align_classifier, cholesky_with_jitter,
                                 normalized_logits)
@@ -30,11 +31,6 @@ from slca_kit.models.heads import IncrementalHead
 
 PARTS = ("statistics", "factorisation", "sampling", "head training")
 
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on an accelerator, so that a clock read afterwards counts it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Clock:
@@ -76,11 +72,10 @@ def reference_stage(features, labels, classes, task_sizes, settings, task_ids, c
     """Per-class torch.cov on the CPU, then per class per epoch a MultivariateNormal on the device (its constructor
     factors the covariance), as the reference code does."""
     device = clock.device
-    with clock.part("statistics"):
-        features = features.cpu()  # the reference's extracted vectors are numpy arrays
+    with clock.part("statistics"):  # features and labels are on the CPU, as the reference's numpy vectors
         means, covs = [], []
         for c in range(classes):
-            own = features[labels.cpu() == c].double()
+            own = features[labels == c].double()
             means.append(own.mean(0))
             covs.append((torch.cov(own.T) + 1e-4 * torch.eye(own.shape[1], dtype=torch.float64)).float())
     head = make_head(features.shape[1], task_sizes, device)
@@ -165,8 +160,7 @@ def main() -> None:
         timings[name] = time.perf_counter() - start
         parts = "  ".join(f"{part} {clock.seconds[part]:6.2f}" for part in PARTS)
         print(f"{name:18s} {timings[name]:8.2f} s   ({parts})")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"{args.classes} classes x {args.dim}-d, {device.type} ({name}), torch {torch.__version__}: "
+    print(f"{args.classes} classes x {args.dim}-d, {describe(device)}, torch {torch.__version__}: "
           f"speed-up {timings['reference loop'] / timings['slca_kit batched']:.2f}x")
 
 

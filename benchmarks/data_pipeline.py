@@ -37,6 +37,7 @@ from accelerate.utils import send_to_device
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from _device import describe, synchronize
 from slca_kit.config import DataConfig
 from slca_kit.data.device_augment import AugmentedLoader, BatchAugment, DecodedTaskDataset, decode_all
 from slca_kit.data.sources import HubSplit, load_data
@@ -114,11 +115,6 @@ class ToDevice:
         for batch in self.loader:
             yield send_to_device(batch, self.device)
 
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on an accelerator, so that a clock read afterwards counts it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def slca_loader(split, transform, batch: int, workers: int) -> DataLoader:
@@ -256,8 +252,7 @@ def main() -> None:
     device = torch.device(args.device)
     cpus = os.cpu_count() or 1
     workers = sorted({0, 2, cpus})
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    print(f"{cpus} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}{gpu}; "
+    print(f"{cpus} CPUs, torch {torch.__version__}, device {describe(device)}; "
           f"{args.images} images, batch {args.batch}, median of {args.epochs} epochs")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

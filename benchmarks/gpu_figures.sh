@@ -39,6 +39,7 @@ else
   step=(--shape vit-b --images 1280 --epochs 8 --batch 64); fast=(--compile inductor); ca=(); pipeline=()
 fi
 errors=$(mktemp)
+trap 'rm -f "$errors"' EXIT
 run() {  # name, command...: the output in $out/name.txt, progress bars dropped (the device tool brings 8 files
   # back: stderr is kept, as $out/name.stderr.txt, only where a part fails); a failure does not stop the rest
   local name=$1; shift

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _device import describe, synchronize
 from slca_kit.resolve import config_from_dict
 from slca_kit.trainer import Trainer
 
@@ -103,11 +104,6 @@ def plain_epoch(model, optimizer, loader, device) -> float:
         losses += loss.item()  # the reference logs the epoch's loss: one device sync a step, as the trainer's
     return losses
 
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on an accelerator, so that a clock read afterwards counts it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_flops(model, images: torch.Tensor, labels: torch.Tensor) -> int:
@@ -189,9 +185,8 @@ def main() -> None:
             results[method], flops_per_image = compare(trainer, prepared, ctx, args, data)
         precision = ", slca_kit in bf16" if args.bf16 else ""
         device = trainer.accelerator.device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
         print(f"{args.shape} ViT, {args.images} images, batch {args.batch}, {args.epochs} timed epochs, device "
-              f"{device} ({name}), torch {torch.__version__}{precision}, slca_kit optimizer {args.optimizer_impl}, "
+              f"{describe(device)}, torch {torch.__version__}{precision}, slca_kit optimizer {args.optimizer_impl}, "
               f"compile {args.compile}")
         fast_path = args.bf16 or args.optimizer_impl != "default" or args.compile
         target = "target >= 1.8 on a GPU, ViT-B/16 bf16" if fast_path else "target >= 0.97 at fp32"

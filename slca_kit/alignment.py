@@ -130,12 +130,6 @@ class ReusedBuffers:
         return kept
 
 
-def _empty(buffers: ReusedBuffers | None, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    if buffers is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    return buffers.get(name, shape, like)
-
-
 def sample_gaussians(means: torch.Tensor, chol: torch.Tensor | LowRankCovariances, per_class: int,
                      generator: torch.Generator | None = None,
                      buffers: ReusedBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,17 +141,18 @@ def sample_gaussians(means: torch.Tensor, chol: torch.Tensor | LowRankCovariance
     Returns features [C * per_class, d] and class positions [C * per_class] (0..C-1), grouped by class."""
     num_classes, dim = means.shape
     shape = (num_classes, per_class, dim)
+    buffers = ReusedBuffers() if buffers is None else buffers
     if isinstance(chol, LowRankCovariances):
         rank = chol.values.shape[1]
         low = torch.randn((num_classes, per_class, rank), generator=generator,
-                          out=_empty(buffers, "low", (num_classes, per_class, rank), means))
-        rest = torch.randn(shape, generator=generator, out=_empty(buffers, "noise", shape, means))
+                          out=buffers.get("low", (num_classes, per_class, rank), means))
+        rest = torch.randn(shape, generator=generator, out=buffers.get("noise", shape, means))
         samples = torch.bmm(low.mul_(chol.values.sqrt()[:, None, :]), chol.basis.transpose(1, 2),
-                            out=_empty(buffers, "samples", shape, means))
+                            out=buffers.get("samples", shape, means))
         samples.add_(means[:, None, :]).add_(rest.mul_(chol.residual.sqrt()[:, None, :]))
     else:
-        noise = torch.randn(shape, generator=generator, out=_empty(buffers, "noise", shape, means))
-        samples = torch.bmm(noise, chol.transpose(1, 2), out=_empty(buffers, "samples", shape, means))
+        noise = torch.randn(shape, generator=generator, out=buffers.get("noise", shape, means))
+        samples = torch.bmm(noise, chol.transpose(1, 2), out=buffers.get("samples", shape, means))
         samples.add_(means[:, None, :])
     positions = torch.arange(num_classes, device=means.device).repeat_interleave(per_class)
     return samples.reshape(-1, dim), positions

@@ -87,7 +87,9 @@ class BatchAugment:
 
 def _pair(size):
     """A transform's size as (height, width); None stays None."""
-    return tuple(size) if isinstance(size, (list, tuple)) else size if size is None else (size, size)
+    if size is None:
+        return None
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
 
 
 def decode_all(split: ImageSplit) -> np.ndarray:
